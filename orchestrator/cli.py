@@ -1,0 +1,148 @@
+"""The `orchestrator` command. Exit codes (a contract): 0 ok, 1 the run failed, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from jobs.storage import InvalidKeyError, open_storage
+from orchestrator.console import Console
+from orchestrator.errors import UserError
+from orchestrator.spec import PipelineSpec, load_spec
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except (UserError, InvalidKeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrator", description="LLM training pipelines on Ray.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a pipeline file; every problem at once")
+    p.add_argument("spec")
+    p.set_defaults(command=_validate)
+
+    p = sub.add_parser("plan", help="each stage's hash, output and whether (and why) it runs")
+    p.add_argument("spec")
+    p.add_argument("--storage", help="storage root (file://DIR or s3://bucket/prefix); overrides the file's")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(command=_plan)
+
+    p = sub.add_parser("run", help="run the pipeline now; the same --run-id resumes a run")
+    p.add_argument("spec")
+    p.add_argument("--run-id", help="resume this run, or name a new one")
+    p.add_argument("--storage", help="storage root (file://DIR or s3://bucket/prefix); overrides the file's")
+    p.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    p.set_defaults(command=_run)
+
+    p = sub.add_parser("runs", help="list the runs kept in storage")
+    p.add_argument("--storage", default="file://./.orchestrator", help="storage root (default: %(default)s)")
+    p.set_defaults(command=_runs)
+
+    p = sub.add_parser("status", help="one run's record")
+    p.add_argument("run_id")
+    p.add_argument("--storage", default="file://./.orchestrator", help="storage root (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the run record as JSON")
+    p.set_defaults(command=_status)
+    return parser
+
+
+def _storage(spec: PipelineSpec | None, override: str | None):
+    uri = override or spec.storage
+    try:
+        return open_storage(uri)
+    except ValueError as e:
+        raise UserError(f"--storage: {e}") from None
+
+
+def _validate(args) -> int:
+    spec = load_spec(args.spec)
+    print(f"{args.spec}: valid pipeline {spec.name!r}, stages: {', '.join(spec.topological_order())}")
+    return EXIT_OK
+
+
+def _plan(args) -> int:
+    from orchestrator.plan import make_plan
+
+    spec = load_spec(args.spec)
+    plan = make_plan(spec, _storage(spec, args.storage))
+    if args.json:
+        print(json.dumps([{"stage": p.name, "kind": p.kind, "hash": p.hash, "output_uri": p.uri,
+                           "cached": p.cached, "reason": p.reason, "upstream": p.upstream} for p in plan], indent=2))
+        return EXIT_OK
+    for p in plan:
+        state = "cached" if p.cached else "run"
+        print(f"{p.name:<12} {p.kind:<11} {p.hash[:8]}  {state:<6} {p.reason if not p.cached else ''}")
+        print(f"{'':<12} {'':<11} → {p.uri}")
+    return EXIT_OK
+
+
+def _run(args) -> int:
+    from orchestrator.runner import run_pipeline
+
+    spec = load_spec(args.spec)
+    storage = _storage(spec, args.storage)
+    log_path = _log_to_file(args.run_id)
+    console = Console()
+    try:
+        record = run_pipeline(spec, storage, run_id=args.run_id, address=args.address, console=console)
+    except UserError:
+        raise
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as e:  # the traceback is in the log file; the terminal gets one line
+        print(f"run failed: {type(e).__name__}: {e}\nsee {log_path}", file=sys.stderr)
+        return EXIT_FAILED
+    console.summary(record, log_path)
+    return EXIT_OK
+
+
+def _runs(args) -> int:
+    from orchestrator.records import list_records
+
+    for r in list_records(_storage(None, args.storage)):
+        done = sum(s.status == "succeeded" for s in r.stages.values())
+        print(f"{r.run_id:<40} {r.pipeline:<16} {r.status:<10} {done}/{len(r.stages)} stages")
+    return EXIT_OK
+
+
+def _status(args) -> int:
+    from orchestrator.records import load_record
+
+    record = load_record(_storage(None, args.storage), args.run_id)
+    if record is None:
+        raise UserError(f"no run {args.run_id!r} in {args.storage}; `orchestrator runs --storage ...` lists them")
+    if args.json:
+        print(record.model_dump_json(indent=2))
+    else:
+        Console().summary(record)
+    return EXIT_OK
+
+
+def _log_to_file(run_id: str | None) -> str:
+    """Our own log (and tracebacks) go to a file; the terminal only gets the stage lines."""
+    log_dir = os.path.join(os.environ.get("ORCHESTRATOR_LOG_DIR", os.path.expanduser("~/.cache/orchestrator/logs")))
+    os.makedirs(log_dir, exist_ok=True)
+    path = os.path.join(log_dir, f"{run_id or 'run'}-{os.getpid()}.log")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

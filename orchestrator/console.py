@@ -1,0 +1,65 @@
+"""What the user sees: one line per stage, a progress bar for long work, a summary at the end.
+
+Lines go to stdout; progress bars to stderr (and only on a terminal, so CI logs stay clean).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+from tqdm import tqdm
+
+from orchestrator.records import RunRecord, StageRecord
+
+
+class Console:
+    def __init__(self, out=None):
+        self.out = out or sys.stdout
+
+    def line(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def stage_started(self, name: str, kind: str, reason: str) -> None:
+        self.line(f"▶ {name:<12} {kind:<11} running ({reason})")
+
+    def stage_finished(self, name: str, stage: StageRecord) -> None:
+        mark = {"succeeded": "✓", "failed": "✗", "stopped": "■"}.get(stage.status, "·")
+        how = "cached" if stage.cached else f"{_elapsed(stage):>7}"
+        detail = stage.error if stage.error else key_metrics(stage)
+        self.line(f"{mark} {name:<12} {stage.kind:<11} {how:<8} {detail}")
+
+    @contextlib.contextmanager
+    def progress(self, total: int, label: str):
+        bar = tqdm(total=total, desc=f"  {label}", unit="shard", leave=False, file=sys.stderr, disable=None)
+        try:
+            yield bar.update
+        finally:
+            bar.close()
+
+    def summary(self, record: RunRecord, log_path: str | None = None) -> None:
+        elapsed = (record.finished_at or time.time()) - record.started_at
+        self.line(f"\nrun {record.run_id}: {record.status} in {elapsed:.1f}s")
+        for name, stage in record.stages.items():
+            how = "cached" if stage.cached else _elapsed(stage)
+            self.line(f"  {name:<12} {stage.kind:<11} {stage.status:<10} {how:>7}  {key_metrics(stage)}")
+        self.line(f"record: {record.storage.rstrip('/')}/runs/{record.run_id}/run.json")
+        if log_path:
+            self.line(f"log:    {log_path}")
+
+
+def key_metrics(stage: StageRecord) -> str:
+    m = stage.metrics
+    if stage.kind == "tokenizer" and "vocab_size" in m:
+        return f"vocab {m['vocab_size']}"
+    if stage.kind == "preprocess" and "num_tokens" in m:
+        return (f"{m['num_documents']:,} docs, {m['num_tokens']:,} tokens, "
+                f"{m['num_sequences']:,} seqs, {sum(m.get('drops', {}).values()):,} dropped")
+    return ""
+
+
+def _elapsed(stage: StageRecord) -> str:
+    if stage.started_at is None or stage.finished_at is None:
+        return "-"
+    return f"{stage.finished_at - stage.started_at:.1f}s"

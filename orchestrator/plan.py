@@ -1,0 +1,145 @@
+"""The plan: each stage's content hash, its output location, and whether (and why) it must run.
+
+A stage's hash covers exactly what decides its output: kind, name, a per-kind version (bumped
+when the job's code changes its output), every spec field except references, the hashes of the
+stages it references, and a fingerprint of the input files it reads (size + mtime or ETag). Never
+the storage root or a timestamp, so the same pipeline hashes the same on a laptop and on S3.
+
+The committed inputs of the newest earlier output of the same stage say why a stage reruns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from jobs.commit import read_commit, verify_commit
+from jobs.sources import SourceError, list_source_files
+from jobs.storage import Storage
+from orchestrator.errors import UserError
+from orchestrator.spec import LocalPath, PipelineSpec
+
+STAGE_VERSIONS = {"tokenizer": 1, "preprocess": 1}
+COMMIT_FILE = "_COMMIT.json"
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    kind: str
+    spec: object
+    hash: str
+    inputs: dict  # what the hash covers, kept in the commit to explain later reruns
+    upstream: dict[str, str]  # field -> stage name
+    key: str  # stages/<name>-<hash8>
+    uri: str
+    cached: bool = False
+    reason: str = ""
+    upstream_uris: dict[str, str] = field(default_factory=dict)  # field -> referenced output URI
+
+
+def make_plan(spec: PipelineSpec, storage: Storage) -> list[PlannedStage]:
+    planned: dict[str, PlannedStage] = {}
+    for name in spec.topological_order():
+        stage = spec.stages[name]
+        upstream = spec.upstream(name)
+        inputs = {
+            "kind": stage.kind,
+            "name": name,
+            "version": STAGE_VERSIONS[stage.kind],
+            "fields": stage.model_dump(mode="json", exclude={"kind", *upstream}),
+            "upstream": {f: planned[ref].hash for f, ref in upstream.items()},
+            "files": _fingerprint(name, stage),
+        }
+        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+        key = f"stages/{name}-{digest[:8]}"
+        p = PlannedStage(name, stage.kind, stage, digest, inputs, upstream, key, storage.url(key))
+        p.upstream_uris = {f: planned[ref].uri for f, ref in upstream.items()}
+        p.cached, p.reason = _cache_status(storage, p)
+        planned[name] = p
+    return list(planned.values())
+
+
+def _fingerprint(name: str, stage) -> list:
+    """(file, size, version) of every input file the stage reads outside the pipeline's storage."""
+    entries = []
+    source = getattr(stage, "source", None)
+    if source is not None:
+        try:
+            entries += [[_display(f.uri), f.size, f.version] for f in list_source_files(source)]
+        except SourceError as e:
+            raise UserError(f"stages.{name}.{e}") from None
+    local_dirs = [stage.path] if getattr(stage, "path", None) else []
+    if isinstance(getattr(stage, "tokenizer", None), LocalPath):
+        local_dirs.append(stage.tokenizer.path)
+    for path in local_dirs:
+        entries += _directory_fingerprint(name, path)
+    return entries
+
+
+def _directory_fingerprint(name: str, path: str) -> list:
+    if not os.path.isdir(path):
+        raise UserError(f"stages.{name}: {path!r} is not a directory (relative paths are read from {os.getcwd()})")
+    out = []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_file():
+            st = entry.stat()
+            out.append([_display(os.path.join(path, entry.name)), st.st_size, str(st.st_mtime_ns)])
+    return out
+
+
+def _display(uri: str) -> str:
+    """Local files by their path relative to the current directory: the hash survives moving the checkout."""
+    path = uri.removeprefix("file://")
+    if uri.startswith("s3://") or not os.path.isabs(path):
+        return uri
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _cache_status(storage: Storage, p: PlannedStage) -> tuple[bool, str]:
+    problems = verify_commit(storage.sub(p.key), COMMIT_FILE)
+    if not problems:
+        return True, "cached"
+    if storage.exists(f"{p.key}/{COMMIT_FILE}"):
+        return False, f"its commit does not verify ({problems[0]}); rerunning"
+    previous = _previous_inputs(storage, p.name, p.key)
+    if previous is None:
+        return False, "new"
+    return False, "changed: " + "; ".join(_diff(previous, p.inputs)) if previous != p.inputs else "not committed yet"
+
+
+def _previous_inputs(storage: Storage, name: str, current_key: str) -> dict | None:
+    newest, newest_time = None, -1.0
+    for obj in storage.list(f"stages/{name}-"):
+        stage_dir, _, file_name = obj.key.rpartition("/")
+        if file_name != COMMIT_FILE or stage_dir == current_key or stage_dir.count("/") != 1:
+            continue
+        commit = read_commit(storage, obj.key)
+        if commit and commit.get("committed_at", 0) > newest_time and "inputs" in commit:
+            newest, newest_time = commit["inputs"], commit["committed_at"]
+    return newest
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    changes = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        path = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _diff(a, b, path + ".")
+        elif a != b:
+            if k == "files":
+                changes.append("input files changed")
+            elif prefix == "upstream.":
+                changes.append(f"upstream {k} changed")
+            else:
+                changes.append(f"{path.removeprefix('fields.')}: {_short(a)} -> {_short(b)}")
+    return changes
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,32 @@
+"""One module per stage kind. Each exposes `run(ctx) -> StageOutput`: a function of its own spec
+and its inputs' committed outputs that writes its output under `ctx.out`. The runner commits it;
+caching, retries and records are the runner's, not the stage's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jobs.commit import FileEntry
+from jobs.storage import Storage
+from orchestrator.console import Console
+
+
+@dataclass
+class StageContext:
+    name: str
+    spec: object  # the stage's own model from orchestrator.spec, never the whole pipeline
+    out: Storage  # the stage's output directory
+    inputs: dict[str, str]  # reference field -> the referenced stage's output URI
+    console: Console
+
+
+@dataclass
+class StageOutput:
+    files: dict[str, FileEntry]  # every file of the output, relative to ctx.out
+    metrics: dict = field(default_factory=dict)
+
+
+def executor(kind: str):
+    from orchestrator.stages import preprocess, tokenizer
+
+    return {"tokenizer": tokenizer.run, "preprocess": preprocess.run}[kind]

@@ -1,0 +1,56 @@
+import os
+import uuid
+
+import boto3
+import pytest
+
+from s3_server import FaultyS3Proxy, start_moto_server
+
+# --- S3: a real S3 protocol server (moto) on 127.0.0.1 -------------------------------------
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# Unset for the session so that a developer's own AWS settings cannot leak into the tests.
+_S3_ENV_CLEARED = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server for the session; yields its endpoint URL, set as AWS_ENDPOINT_URL."""
+    server, endpoint = start_moto_server()
+    env = {**_S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+    saved = {name: os.environ.get(name) for name in [*env, *_S3_ENV_CLEARED]}
+    os.environ.update(env)
+    for name in _S3_ENV_CLEARED:
+        os.environ.pop(name, None)
+    try:
+        yield endpoint
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the moto server; yields 's3://<bucket>'."""
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"
+
+
+@pytest.fixture
+def s3_fault_proxy(s3_server):
+    """A FaultyS3Proxy in front of the moto server (fail_rate 0.3, seeded). Point boto3 at it
+    with `monkeypatch.setenv("AWS_ENDPOINT_URL", s3_fault_proxy.url)`."""
+    proxy = FaultyS3Proxy(s3_server, fail_rate=0.3, seed=1234)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
