@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -29,9 +30,12 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 from stat import S_ISREG
 
 import boto3
+import botocore.loaders
+import botocore.session
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
@@ -40,7 +44,7 @@ MULTIPART_BYTES = 64 * 1024 * 1024  # S3 multipart threshold and part size; read
 NUM_TRANSFER_THREADS = 8
 NUM_CONFLICT_RETRIES = 5  # S3 answers 409 ConditionalRequestConflict to racing conditional PUTs
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
-_TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")  # see _temp_path
+_TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")  # see _temp_beside
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -100,6 +104,8 @@ class Storage(ABC):
 
     def upload_dir(self, local_dir, prefix: str) -> list[str]:
         """Upload every file under `local_dir` to `prefix`/<relative path>; returns the keys."""
+        if prefix:
+            validate_key(prefix)
         jobs = []
         for dirpath, _, filenames in os.walk(local_dir):
             for name in filenames:
@@ -143,27 +149,48 @@ class Storage(ABC):
                 future.result()  # re-raises the first failure
 
     @abstractmethod
-    def sub(self, prefix: str) -> Storage: ...
+    def sub(self, prefix: str) -> Storage:
+        """The storage rooted at `prefix` below this one."""
+
     @abstractmethod
-    def info(self, key: str) -> ObjectInfo | None: ...
+    def info(self, key: str) -> ObjectInfo | None:
+        """The object's size and version; None if there is no such object."""
+
     @abstractmethod
-    def list(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object whose key starts with the raw `prefix` ('stages/' or 'stages/tok-'),
+        at any depth, sorted by key."""
+
     @abstractmethod
-    def read_bytes(self, key: str) -> bytes: ...
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object; FileNotFoundError if missing."""
+
     @abstractmethod
-    def read_range(self, key: str, start: int, end: int) -> bytes: ...
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the object, short past its end, like a slice."""
+
     @abstractmethod
-    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write or overwrite, atomically: readers see the old bytes or the new, never a mix."""
+
     @abstractmethod
-    def create_bytes(self, key: str, data: bytes) -> bool: ...
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Create-only write: True if this call created the object, False if it existed."""
+
     @abstractmethod
     def upload_file(self, local_path, key: str) -> None: ...
+
     @abstractmethod
-    def download_file(self, key: str, local_path) -> None: ...
+    def download_file(self, key: str, local_path) -> None:
+        """Atomically replace `local_path` (parents created) with the object."""
+
     @abstractmethod
-    def delete(self, key: str) -> None: ...
+    def delete(self, key: str) -> None:
+        """Delete the object; a missing one is fine."""
+
     @abstractmethod
-    def delete_prefix(self, prefix: str) -> int: ...
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete what list(prefix) lists; returns how many objects that was."""
 
 
 def _check_range(start: int, end: int) -> None:
@@ -171,17 +198,13 @@ def _check_range(start: int, end: int) -> None:
         raise ValueError(f"invalid byte range [{start}, {end}): need 0 <= start <= end")
 
 
-def _temp_path(path: str) -> str:
-    """A hidden temp name beside `path`; LocalStorage.list skips names of this shape."""
-    head, name = os.path.split(path)
-    return os.path.join(head, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
-
-
 @contextmanager
 def _temp_beside(path: str):
-    """Yield a temp path in `path`'s directory (created if needed); remove it if left behind."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = _temp_path(path)
+    """Yield a hidden temp path in `path`'s directory (created if needed), removed at the end
+    unless it was renamed; LocalStorage.list skips names of this shape (_TEMP_NAME)."""
+    head, name = os.path.split(path)
+    os.makedirs(head, exist_ok=True)
+    tmp = os.path.join(head, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         yield tmp
     finally:
@@ -189,22 +212,8 @@ def _temp_beside(path: str):
             os.unlink(tmp)
 
 
-def _write_synced(path: str, chunks) -> None:
-    with open(path, "xb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _file_chunks(path, size: int = 1 << 20):
-    with open(path, "rb") as f:
-        while chunk := f.read(size):
-            yield chunk
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename or link in `path` durable, not only the file's bytes."""
+def _fsync(path: str) -> None:
+    """Flush a file's bytes, or a directory's entries (a rename or link in it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -231,21 +240,21 @@ class LocalStorage(Storage):
         return ObjectInfo(key, st.st_size, str(st.st_mtime_ns)) if S_ISREG(st.st_mode) else None
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
-        # Walk only the deepest directory the prefix names in full ('stages/tok-' -> 'stages').
-        start = os.path.join(self.root, *_validate_prefix(prefix).split("/")[:-1])
         found = []
-        for dirpath, _, filenames in os.walk(start):
+        for dirpath, _, filenames in os.walk(self._walk_start(prefix)):
             rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
             for name in filenames:
                 key = name if rel_dir == "." else f"{rel_dir}/{name}"
                 if _TEMP_NAME.match(name) or not key.startswith(prefix):
                     continue
-                try:
+                with suppress(FileNotFoundError):  # deleted since the walk saw it: not listed
                     st = os.stat(os.path.join(dirpath, name))
-                except FileNotFoundError:  # deleted since the walk saw it: no longer listed
-                    continue
-                found.append(ObjectInfo(key, st.st_size, str(st.st_mtime_ns)))
+                    found.append(ObjectInfo(key, st.st_size, str(st.st_mtime_ns)))
         return sorted(found, key=lambda obj: obj.key)
+
+    def _walk_start(self, prefix: str) -> str:
+        """The deepest directory that `prefix` names in full ('stages/tok-' -> 'stages')."""
+        return os.path.join(self.root, *_validate_prefix(prefix).split("/")[:-1])
 
     def read_bytes(self, key: str) -> bytes:
         with open(self._path(key), "rb") as f:
@@ -257,34 +266,35 @@ class LocalStorage(Storage):
             f.seek(start)
             return f.read(end - start)
 
-    def _replace_with(self, key: str, chunks) -> None:
+    def _install(self, key: str, fill, create_only: bool = False) -> bool:
+        """fill(temp path) beside the key's file, make it durable, then move it into place."""
         path = self._path(key)
         with _temp_beside(path) as tmp:
-            _write_synced(tmp, chunks)
-            os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path))
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        self._replace_with(key, [data])
-
-    def create_bytes(self, key: str, data: bytes) -> bool:
-        path = self._path(key)
-        with _temp_beside(path) as tmp:
-            _write_synced(tmp, [data])
-            try:
-                os.link(tmp, path)  # unlike os.replace, fails if `path` exists
-            except FileExistsError:
-                return False
-        _fsync_dir(os.path.dirname(path))
+            fill(tmp)
+            _fsync(tmp)
+            if not create_only:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # unlike os.replace, fails if `path` exists
+                except FileExistsError:
+                    return False
+        _fsync(os.path.dirname(path))
         return True
 
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._install(key, lambda tmp: Path(tmp).write_bytes(data))
+
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        return self._install(key, lambda tmp: Path(tmp).write_bytes(data), create_only=True)
+
     def upload_file(self, local_path, key: str) -> None:
-        self._replace_with(key, _file_chunks(local_path))
+        self._install(key, lambda tmp: shutil.copyfile(local_path, tmp))
 
     def download_file(self, key: str, local_path) -> None:
         local_path = os.path.abspath(local_path)
         with _temp_beside(local_path) as tmp:
-            _write_synced(tmp, _file_chunks(self._path(key)))
+            shutil.copyfile(self._path(key), tmp)
             os.replace(tmp, local_path)
 
     def delete(self, key: str) -> None:
@@ -295,14 +305,19 @@ class LocalStorage(Storage):
         objects = self.list(prefix)
         for obj in objects:
             self.delete(obj.key)
-        # Remove the directories this emptied (deepest first); a non-empty one stays.
-        start = os.path.join(self.root, *prefix.split("/")[:-1])
-        for dirpath, _, _ in sorted(os.walk(start), key=lambda w: -len(w[0])):
+        # Remove the directories this emptied, deepest first; a non-empty one stays.
+        for dirpath, _, _ in sorted(os.walk(self._walk_start(prefix)), reverse=True):
             rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/") + "/"
-            if rel != "./" and rel.startswith(prefix):
+            if dirpath != self.root and rel.startswith(prefix):
                 with suppress(OSError):
                     os.rmdir(dirpath)
         return len(objects)
+
+
+# botocore's parsed service models (~0.1 s to load per fresh session): read once per process.
+# Sessions stay per Storage, so credentials and endpoint still come from the environment of
+# the moment a client is built.
+_LOADER = botocore.loaders.create_loader()
 
 
 class _LazyS3Client:
@@ -321,7 +336,10 @@ class _LazyS3Client:
                     connect_timeout=10, read_timeout=120,
                     # upload_dir threads x multipart threads share this pool
                     max_pool_connections=4 * NUM_TRANSFER_THREADS)
-                self._client = boto3.session.Session().client("s3", config=config)
+                session = botocore.session.Session()
+                session.register_component("data_loader", _LOADER)
+                self._client = boto3.session.Session(botocore_session=session).client(
+                    "s3", config=config)
             return self._client
 
 

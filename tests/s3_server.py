@@ -13,6 +13,7 @@ requests which already succeeded.
 from __future__ import annotations
 
 import io
+import logging
 import random
 import socket
 import struct
@@ -28,6 +29,7 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encodin
 
 def start_moto_server() -> tuple[ThreadedMotoServer, str]:
     """Start moto on a free loopback port; returns (server, endpoint URL)."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -1,0 +1,35 @@
+# `make demo` and `make test` work on a fresh clone: each creates .venv when it is missing.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build of torch (a plain `torch` pulls a multi-GB CUDA build); set TORCH=torch on GPU hosts.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip setuptools wheel
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	# DeepSpeed's setup.py imports torch: build it against the torch installed above.
+	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.19,<0.20"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/orchestrator run examples/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not local"
+
+bench: $(STAMP)
+	$(BIN)/python bench/preprocess.py
+
+clean:
+	rm -rf .orchestrator bench/.data bench/.out
