@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from jobs.storage import Storage
 
 _CHUNK = 8 << 20
+_FEW_KEYS = 8
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,7 @@ def verify_commit(storage: Storage, commit_key: str, deep: bool = False) -> list
         return [f"no readable commit at {storage.url(commit_key)}"]
     problems = []
     entries = commit_entries(commit)
-    prefixes = {key.rsplit("/", 1)[0] + "/" if "/" in key else "" for key in entries}
-    present = {o.key: o.size for prefix in prefixes for o in storage.list(prefix)}
+    present = _sizes(storage, list(entries))
     for key, entry in entries.items():
         if key not in present:
             problems.append(f"{key}: missing")
@@ -88,3 +88,15 @@ def verify_commit(storage: Storage, commit_key: str, deep: bool = False) -> list
         elif deep and bytes_entry(storage.read_bytes(key)).sha256 != entry.sha256:
             problems.append(f"{key}: checksum differs from the commit")
     return problems
+
+
+def _sizes(storage: Storage, keys: list[str]) -> dict[str, int]:
+    """Sizes of the keys that exist: one request per key for a few (a shard's commit), else one
+    listing per directory (a stage's commit, which may list thousands of files)."""
+    if len(keys) <= _FEW_KEYS:
+        infos = [storage.info(key) for key in keys]
+        return {key: info.size for key, info in zip(keys, infos) if info is not None}
+    prefixes = {key.rsplit("/", 1)[0] + "/" if "/" in key else "" for key in keys}
+    if "" in prefixes:  # a listing of the root covers every other prefix
+        prefixes = {""}
+    return {o.key: o.size for prefix in prefixes for o in storage.list(prefix)}

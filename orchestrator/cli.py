@@ -89,14 +89,16 @@ def _plan(args) -> int:
 
 
 def _run(args) -> int:
+    from orchestrator.records import new_run_id, validate_run_id
     from orchestrator.runner import run_pipeline
 
     spec = load_spec(args.spec)
     storage = _storage(spec, args.storage)
-    log_path = _log_to_file(args.run_id)
+    run_id = validate_run_id(args.run_id) if args.run_id else new_run_id(spec.name)
+    log_path = _log_to_file(run_id)
     console = Console()
     try:
-        record = run_pipeline(spec, storage, run_id=args.run_id, address=args.address, console=console)
+        record = run_pipeline(spec, storage, run_id=run_id, address=args.address, console=console)
     except UserError:
         raise
     except KeyboardInterrupt:
@@ -131,11 +133,11 @@ def _status(args) -> int:
     return EXIT_OK
 
 
-def _log_to_file(run_id: str | None) -> str:
+def _log_to_file(run_id: str) -> str:
     """Our own log (and tracebacks) go to a file; the terminal only gets the stage lines."""
-    log_dir = os.path.join(os.environ.get("ORCHESTRATOR_LOG_DIR", os.path.expanduser("~/.cache/orchestrator/logs")))
+    log_dir = os.environ.get("ORCHESTRATOR_LOG_DIR", os.path.expanduser("~/.cache/orchestrator/logs"))
     os.makedirs(log_dir, exist_ok=True)
-    path = os.path.join(log_dir, f"{run_id or 'run'}-{os.getpid()}.log")
+    path = os.path.join(log_dir, f"{run_id}.log")
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

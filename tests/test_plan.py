@@ -115,6 +115,10 @@ def test_hash_is_stable_across_calls_and_ignores_defaults_and_key_order(corpus, 
     explicit = _set(_set(raw, "corpus", "dedup", True), "tok", "min_frequency", 2)
     explicit["stages"] = dict(reversed(list(explicit["stages"].items())))
     assert [p.hash for p in make_plan(_spec(explicit), storage)] == first
+    # a float written as an int is the same value
+    as_int = _set(raw, "corpus", "shard_mb", 1)
+    assert [p.hash for p in make_plan(_spec(as_int), storage)] == \
+        [p.hash for p in make_plan(_spec(_set(raw, "corpus", "shard_mb", 1.0)), storage)]
 
 
 @pytest.mark.parametrize("stage, field, value", [

@@ -37,13 +37,15 @@ def run(ctx: StageContext) -> StageOutput:
     shards = plan_shards(files, spec.source.format, max(int(spec.shard_mb * 1e6), 1))
     tokenizer_files = _stage_tokenizer(ctx)
 
-    todo = [s for s in shards if not out.exists(scan_key(s.index))]
+    scanned = {o.key for o in out.list("scan/")}
+    todo = [s for s in shards if scan_key(s.index) not in scanned]
     _run_tasks(ctx, scan_shard, [(s, spec, spec.source.text_field, out) for s in todo], len(shards), "scan")
     scans = [load_scan(out, s.index) for s in shards]
     keep, drops = _global_keep_masks(ctx.name, spec, [keys for keys, _ in scans], [meta for _, meta in scans])
 
     tokenizer_uri = out.sub("tokenizer").uri
-    todo = [s for s in shards if verify_commit(out, shard_commit_key(s.index))]
+    committed = {o.key for o in out.list("data/")}
+    todo = [s for s in shards if shard_commit_key(s.index) not in committed or verify_commit(out, shard_commit_key(s.index))]
     args = [(s, spec, spec.source.text_field, keep[s.index], tokenizer_uri, out) for s in todo]
     _run_tasks(ctx, encode_shard, args, len(shards), "tokenize + pack")
 
