@@ -65,7 +65,13 @@ def read_commit(storage: Storage, commit_key: str) -> dict | None:
         body = json.loads(storage.read_bytes(commit_key))
     except (FileNotFoundError, ValueError):
         return None
-    return body if isinstance(body, dict) and isinstance(body.get("files"), dict) else None
+    if not isinstance(body, dict) or not isinstance(body.get("files"), dict):
+        return None
+    for entry in body["files"].values():
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and entry["size"] >= 0
+                and isinstance(entry.get("sha256"), str)):
+            return None
+    return body
 
 
 def commit_entries(commit: dict) -> dict[str, FileEntry]:

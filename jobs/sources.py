@@ -14,7 +14,6 @@ have no line structure; a file is one shard and is read with `datasets` in strea
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import json
 import os
@@ -105,7 +104,8 @@ def _expand(pattern: str) -> list[SourceFile]:
     for p in paths:
         if os.path.isfile(p):
             st = os.stat(p)
-            found.append(SourceFile("file://" + os.path.abspath(p), st.st_size, str(st.st_mtime_ns)))
+            # ctime too: `cp -p` or `touch -r` can restore an mtime, nothing restores a ctime.
+            found.append(SourceFile("file://" + os.path.abspath(p), st.st_size, f"{st.st_mtime_ns}-{st.st_ctime_ns}"))
     return found
 
 
@@ -126,9 +126,31 @@ def _expand_s3(pattern: str) -> list[SourceFile]:
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
-    """Glob semantics for object keys: `*` stays within one path segment, `**` crosses them."""
-    parts = [fnmatch.translate(p)[4:-3] for p in pattern.split("**")]  # strip fnmatch's (?s:...)\Z
-    return re.compile(".*".join(p.replace(".*", "[^/]*") for p in parts), re.S)
+    """Glob semantics for object keys, as the local glob has them: `*` and `?` stay within one
+    path segment, `**/` spans zero or more directories."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[^" + re.escape(body[1:]) + "]" if body[:1] in "!^" and body else "[" + re.escape(body) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out), re.S)
 
 
 def plan_shards(files: list[SourceFile], fmt: SourceFormat, shard_bytes: int) -> list[Shard]:

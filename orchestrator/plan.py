@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from jobs.commit import read_commit, verify_commit
@@ -86,7 +87,7 @@ def _directory_fingerprint(name: str, path: str) -> list:
     for entry in sorted(os.scandir(path), key=lambda e: e.name):
         if entry.is_file():
             st = entry.stat()
-            out.append([_display(os.path.join(path, entry.name)), st.st_size, str(st.st_mtime_ns)])
+            out.append([_display(os.path.join(path, entry.name)), st.st_size, f"{st.st_mtime_ns}-{st.st_ctime_ns}"])
     return out
 
 
@@ -108,14 +109,17 @@ def _cache_status(storage: Storage, p: PlannedStage) -> tuple[bool, str]:
     previous = _previous_inputs(storage, p.name, p.key)
     if previous is None:
         return False, "new"
-    return False, "changed: " + "; ".join(_diff(previous, p.inputs)) if previous != p.inputs else "not committed yet"
+    if previous == p.inputs:
+        return False, "not committed yet"
+    return False, "changed: " + "; ".join(_diff(previous, p.inputs, p.upstream))
 
 
 def _previous_inputs(storage: Storage, name: str, current_key: str) -> dict | None:
     newest, newest_time = None, -1.0
+    # The prefix `stages/tok-` also lists a stage named `tok-big`: match the directory exactly.
+    own_dir = re.compile(rf"stages/{re.escape(name)}-[0-9a-f]{{8}}/{COMMIT_FILE}")
     for obj in storage.list(f"stages/{name}-"):
-        stage_dir, _, file_name = obj.key.rpartition("/")
-        if file_name != COMMIT_FILE or stage_dir == current_key or stage_dir.count("/") != 1:
+        if not own_dir.fullmatch(obj.key) or obj.key.startswith(current_key + "/"):
             continue
         commit = read_commit(storage, obj.key)
         if commit and commit.get("committed_at", 0) > newest_time and "inputs" in commit:
@@ -123,18 +127,18 @@ def _previous_inputs(storage: Storage, name: str, current_key: str) -> dict | No
     return newest
 
 
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+def _diff(old: dict, new: dict, upstream: dict[str, str], prefix: str = "") -> list[str]:
     changes = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         path = f"{prefix}{k}"
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += _diff(a, b, path + ".")
+            changes += _diff(a, b, upstream, path + ".")
         elif a != b:
             if k == "files":
                 changes.append("input files changed")
             elif prefix == "upstream.":
-                changes.append(f"upstream {k} changed")
+                changes.append(f"upstream {upstream.get(k, k)} changed")
             else:
                 changes.append(f"{path.removeprefix('fields.')}: {_short(a)} -> {_short(b)}")
     return changes

@@ -78,6 +78,16 @@ class PreprocessStage(PreprocessSpec):
     tokenizer: str | LocalPath
     """A tokenizer stage's name, or {path: DIR} for a local Hugging Face tokenizer."""
 
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _stage_or_path(cls, value):
+        # Validated here rather than as a plain union, whose errors name pydantic's members.
+        if isinstance(value, dict):
+            return LocalPath.model_validate(value)
+        if not isinstance(value, str):
+            raise ValueError("give a tokenizer stage's name or {path: DIR}")
+        return value
+
 
 Stage = Annotated[Union[TokenizerStage, PreprocessStage], Field(discriminator="kind")]
 KINDS: dict[str, type[BaseModel]] = {"tokenizer": TokenizerStage, "preprocess": PreprocessStage}
@@ -143,12 +153,13 @@ def load_spec(path: str) -> PipelineSpec:
 
 def parse_spec(text: str, source: str = "<pipeline>") -> PipelineSpec:
     try:
+        duplicates = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpecError(source, [f"not valid YAML: {e}"]) from None
     if not isinstance(raw, dict):
         raise SpecError(source, ["the pipeline file must be a mapping with `name`, `storage` and `stages`"])
-    problems = _graph_problems(raw.get("stages"))
+    problems = duplicates + _graph_problems(raw.get("stages"))
     try:
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as e:
@@ -157,6 +168,24 @@ def parse_spec(text: str, source: str = "<pipeline>") -> PipelineSpec:
     if problems:
         raise SpecError(source, problems)
     return spec
+
+
+def _duplicate_keys(node, path: str = "") -> list[str]:
+    """Keys given twice in one mapping, by field path (plain YAML silently keeps the last one)."""
+    problems = []
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            where = f"{path}.{key}" if path else str(key)
+            if key in seen:
+                problems.append(f"{where}: duplicate key (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+            problems += _duplicate_keys(value_node, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _duplicate_keys(item, f"{path}[{i}]")
+    return problems
 
 
 def _graph_problems(stages) -> list[str]:
@@ -217,7 +246,7 @@ def _describe(err: dict) -> str:
     if kind == "extra_forbidden":
         fields = sorted(f for f in model.model_fields) if model else []
         close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = f"; did you mean {close[0]!r}?" if close else ";"
         return f"{path}: unknown field{hint} valid fields: {', '.join(fields)}"
     if kind == "union_tag_invalid":
         return f"{path}.kind: {err['ctx']['tag']!r} is not a stage kind; choose one of: {', '.join(KINDS)}"

@@ -180,10 +180,9 @@ class FaultyS3Proxy:
     def _forward(self, start_line: bytes, headers, body: bytes) -> bytes:
         """Send one request to moto on a fresh connection; return the response re-framed."""
         headers = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
-        if body or _header(headers, "content-length") or start_line.startswith((b"PUT", b"POST")):
-            headers.append(("Content-Length", str(len(body))))
+        headers += [("Content-Length", str(len(body))), ("Connection", "close")]
         with socket.create_connection(self._upstream, timeout=30) as upstream:
-            upstream.sendall(_message(start_line, headers + [("Connection", "close")], body))
+            upstream.sendall(_message(start_line, headers, body))
             raw = upstream.makefile("rb").read()  # until moto closes: Connection: close
         rfile = io.BytesIO(raw)
         status_line, response_headers = _read_head(rfile)
