@@ -16,34 +16,22 @@ DESIGN.md ("Storage layout") needs:
   its own boto3 client lazily. boto3 is configured the standard way (environment, profile, IAM
   role, ``AWS_ENDPOINT_URL``): no credential ever passes through this module, its messages or
   its reprs.
+
+This module holds the interface (``Storage``), key validation, ``open_storage``/``split_uri``
+and the helpers both backends share; the backends are jobs/storage_local.py (``LocalStorage``)
+and jobs/storage_s3.py (``S3Storage``). They import this module, so it imports them only when
+one is needed (in ``open_storage``): either side can be imported first without an import cycle.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import threading
-import time
 import uuid
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
-from stat import S_ISREG
-
-import boto3
-import botocore.loaders
-import botocore.session
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from botocore.exceptions import ClientError
-
-MULTIPART_BYTES = 64 * 1024 * 1024  # S3 multipart threshold and part size; read at each call
-NUM_TRANSFER_THREADS = 8
-NUM_CONFLICT_RETRIES = 5  # S3 answers 409 ConditionalRequestConflict to racing conditional PUTs
-_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 _TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")  # see _temp_beside
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -220,268 +208,13 @@ def _temp_beside(path: str):
             os.unlink(tmp)
 
 
-def _fsync(path: str) -> None:
-    """Flush a file's bytes, or a directory's entries (a rename or link in it), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class LocalStorage(Storage):
-    def __init__(self, root: str):
-        self.root = os.path.abspath(root)
-        self.uri = "file://" + self.root
-
-    def _path(self, key: str) -> str:
-        return os.path.join(self.root, *validate_key(key).split("/"))
-
-    def sub(self, prefix: str) -> LocalStorage:
-        return LocalStorage(self._path(prefix))
-
-    def info(self, key: str) -> ObjectInfo | None:
-        try:
-            st = os.stat(self._path(key))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return ObjectInfo(key, st.st_size, str(st.st_mtime_ns)) if S_ISREG(st.st_mode) else None
-
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
-        found = []
-        for dirpath, _, filenames in os.walk(self._walk_start(prefix)):
-            rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
-            for name in filenames:
-                key = name if rel_dir == "." else f"{rel_dir}/{name}"
-                if _TEMP_NAME.match(name) or not key.startswith(prefix):
-                    continue
-                with suppress(FileNotFoundError):  # deleted since the walk saw it: not listed
-                    st = os.stat(os.path.join(dirpath, name))
-                    found.append(ObjectInfo(key, st.st_size, str(st.st_mtime_ns)))
-        return sorted(found, key=lambda obj: obj.key)
-
-    def _walk_start(self, prefix: str) -> str:
-        """The deepest directory that `prefix` names in full ('stages/tok-' -> 'stages')."""
-        return os.path.join(self.root, *_validate_prefix(prefix).split("/")[:-1])
-
-    def read_bytes(self, key: str) -> bytes:
-        with open(self._path(key), "rb") as f:
-            return f.read()
-
-    def read_range(self, key: str, start: int, end: int) -> bytes:
-        _check_range(start, end)
-        with open(self._path(key), "rb") as f:
-            f.seek(start)
-            return f.read(end - start)
-
-    def _install(self, key: str, fill, create_only: bool = False) -> bool:
-        """fill(temp path) beside the key's file, make it durable, then move it into place."""
-        path = self._path(key)
-        with _temp_beside(path) as tmp:
-            fill(tmp)
-            _fsync(tmp)
-            if not create_only:
-                os.replace(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)  # unlike os.replace, fails if `path` exists
-                except FileExistsError:
-                    return False
-        _fsync(os.path.dirname(path))
-        return True
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        self._install(key, lambda tmp: Path(tmp).write_bytes(data))
-
-    def create_bytes(self, key: str, data: bytes) -> bool:
-        return self._install(key, lambda tmp: Path(tmp).write_bytes(data), create_only=True)
-
-    def upload_file(self, local_path, key: str) -> None:
-        self._install(key, lambda tmp: shutil.copyfile(local_path, tmp))
-
-    def download_file(self, key: str, local_path) -> None:
-        local_path = os.path.abspath(local_path)
-        with _temp_beside(local_path) as tmp:
-            shutil.copyfile(self._path(key), tmp)
-            os.replace(tmp, local_path)
-
-    def delete(self, key: str) -> None:
-        with suppress(FileNotFoundError):
-            os.unlink(self._path(key))
-
-    def delete_prefix(self, prefix: str) -> int:
-        objects = self.list(prefix)
-        for obj in objects:
-            self.delete(obj.key)
-        # Remove the directories this emptied, deepest first; a non-empty one stays.
-        for dirpath, _, _ in sorted(os.walk(self._walk_start(prefix)), reverse=True):
-            rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/") + "/"
-            if dirpath != self.root and rel.startswith(prefix):
-                with suppress(OSError):
-                    os.rmdir(dirpath)
-        return len(objects)
-
-
-# botocore's parsed service models (~0.1 s to load per fresh session): read once per process.
-# Sessions stay per Storage, so credentials and endpoint still come from the environment of
-# the moment a client is built.
-_LOADER = botocore.loaders.create_loader()
-
-
-class _LazyS3Client:
-    """One boto3 session + client, built on first use (in the process that uses it)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._client = None
-
-    def get(self):
-        with self._lock:
-            if self._client is None:
-                # `standard` retries throttling with jittered backoff; `adaptive` adds a client-side
-                # rate limiter that, under SlowDown storms, throttles a worker far below what S3
-                # allows (16x slower in tests/test_storage.py's fault test): opt in via the env.
-                config = Config(
-                    retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-                             "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "10"))},
-                    connect_timeout=10, read_timeout=120,
-                    # upload_dir threads x multipart threads share this pool
-                    max_pool_connections=4 * NUM_TRANSFER_THREADS)
-                session = botocore.session.Session()
-                session.register_component("data_loader", _LOADER)
-                self._client = boto3.session.Session(botocore_session=session).client(
-                    "s3", config=config)
-            return self._client
-
-
-def _error_code(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Code", ""))
-
-
-class S3Storage(Storage):
-    _num_threads = NUM_TRANSFER_THREADS
-
-    def __init__(self, bucket: str, prefix: str = "", _client: _LazyS3Client | None = None):
-        self.bucket, self.prefix = bucket, prefix
-        self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-        self._client = _client or _LazyS3Client()  # shared with sub() storages
-
-    @property
-    def _s3(self):
-        return self._client.get()
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{validate_key(key)}" if self.prefix else validate_key(key)
-
-    def _transfer_config(self) -> TransferConfig:
-        return TransferConfig(multipart_threshold=MULTIPART_BYTES,
-                              multipart_chunksize=MULTIPART_BYTES,
-                              max_concurrency=NUM_TRANSFER_THREADS)
-
-    @contextmanager
-    def _missing_as_file_not_found(self, key: str):
-        try:
-            yield
-        except ClientError as e:
-            if _error_code(e) in _MISSING_CODES:
-                raise FileNotFoundError(f"no object at {self.url(key)}") from e
-            raise
-
-    def sub(self, prefix: str) -> S3Storage:
-        return S3Storage(self.bucket, self._key(prefix), self._client)
-
-    def info(self, key: str) -> ObjectInfo | None:
-        try:
-            head = self._s3.head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as e:
-            if _error_code(e) in _MISSING_CODES:
-                return None
-            raise
-        return ObjectInfo(key, head["ContentLength"], head["ETag"].strip('"'))
-
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
-        full_prefix = f"{self.prefix}/{_validate_prefix(prefix)}" if self.prefix else prefix
-        skip = len(self.prefix) + 1 if self.prefix else 0
-        found = []
-        pages = self._s3.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=full_prefix)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                if obj["Key"].endswith("/"):  # a console "folder" marker, not an object to us
-                    continue
-                found.append(ObjectInfo(obj["Key"][skip:], obj["Size"], obj["ETag"].strip('"')))
-        return sorted(found, key=lambda obj: obj.key)
-
-    def read_bytes(self, key: str) -> bytes:
-        with self._missing_as_file_not_found(key):
-            return self._s3.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-
-    def read_range(self, key: str, start: int, end: int) -> bytes:
-        _check_range(start, end)
-        if start == end:
-            return b""
-        with self._missing_as_file_not_found(key):
-            try:
-                response = self._s3.get_object(
-                    Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}")
-            except ClientError as e:
-                if _error_code(e) == "InvalidRange":  # start is past the end: like a slice
-                    return b""
-                raise
-            return response["Body"].read()
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        self._s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-
-    def create_bytes(self, key: str, data: bytes) -> bool:
-        for attempt in range(NUM_CONFLICT_RETRIES):
-            try:
-                self._s3.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
-                return True
-            except ClientError as e:
-                code = _error_code(e)
-                if code == "PreconditionFailed":
-                    # Someone created it first, or our own earlier attempt did and its response
-                    # was lost before botocore retried: the bytes tell the two apart.
-                    return self.read_bytes(key) == data
-                if code != "ConditionalRequestConflict" or attempt == NUM_CONFLICT_RETRIES - 1:
-                    raise
-                time.sleep(0.05 * 2**attempt)
-        raise AssertionError("unreachable")
-
-    def upload_file(self, local_path, key: str) -> None:
-        self._s3.upload_file(os.fspath(local_path), self.bucket, self._key(key),
-                             Config=self._transfer_config())
-
-    def download_file(self, key: str, local_path) -> None:
-        local_path = os.path.abspath(local_path)
-        with _temp_beside(local_path) as tmp, self._missing_as_file_not_found(key):
-            self._s3.download_file(self.bucket, self._key(key), tmp,
-                                   Config=self._transfer_config())
-            os.replace(tmp, local_path)
-
-    def delete(self, key: str) -> None:
-        self._s3.delete_object(Bucket=self.bucket, Key=self._key(key))
-
-    def delete_prefix(self, prefix: str) -> int:
-        # Listed keys are deleted as listed (not re-validated): they exist, so they can go.
-        keys = [f"{self.prefix}/{obj.key}" if self.prefix else obj.key
-                for obj in self.list(prefix)]
-        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            response = self._s3.delete_objects(Bucket=self.bucket, Delete={
-                "Objects": [{"Key": key} for key in keys[i:i + 1000]], "Quiet": True})
-            if errors := response.get("Errors"):
-                raise OSError(f"could not delete {len(errors)} objects under {self.uri}/{prefix}"
-                              f", e.g. {errors[0]['Key']!r}: {errors[0]['Code']}")
-        return len(keys)
-
-
 _SCHEMES = "file:///abs/path, file://rel/path, a plain path, or s3://bucket[/prefix]"
 
 
 def open_storage(uri: str) -> Storage:
     """The storage rooted at `uri`; see _SCHEMES for the forms understood."""
+    from jobs.storage_local import LocalStorage  # here, not at the top: both import this module
+    from jobs.storage_s3 import S3Storage
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[len("s3://"):].partition("/")
         prefix = prefix.rstrip("/")
@@ -499,6 +232,7 @@ def open_storage(uri: str) -> Storage:
 def split_uri(uri: str) -> tuple[Storage, str]:
     """Split an object URI ('s3://b/data/x.jsonl', '/abs/x.jsonl') into (storage of its
     directory, its name)."""
+    from jobs.storage_local import LocalStorage  # here, not at the top: it imports this module
     if uri.endswith("/") or (uri.startswith("s3://") and "/" not in uri[len("s3://"):]):
         raise ValueError(f"{uri!r} names no object; give a file, e.g. s3://bucket/data/x.jsonl")
     if uri.startswith("s3://"):

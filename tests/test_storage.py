@@ -12,8 +12,10 @@ import pytest
 from botocore.retries.standard import ExponentialBackoff
 
 from jobs import storage as storage_mod
-from jobs.storage import (InvalidKeyError, LocalStorage, ObjectInfo, S3Storage, open_storage,
-                          split_uri, validate_key)
+from jobs import storage_s3
+from jobs.storage import (InvalidKeyError, ObjectInfo, open_storage, split_uri, validate_key)
+from jobs.storage_local import LocalStorage
+from jobs.storage_s3 import S3Storage
 
 # --- keys ---------------------------------------------------------------------------------
 
@@ -362,7 +364,7 @@ def test_s3_download_prefix_refuses_a_dot_dot_key_the_server_lists(s3_bucket, tm
 @pytest.mark.local
 def test_s3_multipart_upload(s3_bucket, tmp_path, monkeypatch):
     # S3 (and moto) require parts of at least 5 MiB, so this is the smallest multipart upload.
-    monkeypatch.setattr(storage_mod, "MULTIPART_BYTES", 5 * 1024 * 1024)
+    monkeypatch.setattr(storage_s3, "MULTIPART_BYTES", 5 * 1024 * 1024)
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(11 * 1024 * 1024))
     store = open_storage(s3_bucket)
