@@ -6,8 +6,8 @@ On one generated jsonl corpus (kept under bench/.data/ and reused), side by side
   ours      the real pipeline (`run_pipeline`: a tokenizer stage, then a preprocess stage) on an
             embedded Ray with `--workers` CPUs; seq_len 1024, dedup on, default filters, several
             shards per worker. Timed from the run record's stage started_at/finished_at (run 1,
-            both stages), and again end to end on a second run that changes only
-            validation_fraction, so that only the preprocess stage reruns (run 2).
+            both stages), then on `--repeat` more runs that change only validation_fraction, so
+            that only the preprocess stage reruns (also timed end to end around run_pipeline).
   ideal     `tokenizers.Tokenizer.encode_batch_fast` over the same documents, already in memory,
             with the same tokenizer.json, single-threaded (TOKENIZERS_PARALLELISM=false);
             single-core tokens/s x workers.
@@ -17,9 +17,14 @@ On one generated jsonl corpus (kept under bench/.data/ and reused), side by side
 Tokens are counted the same way in all three: the token ids of every kept document plus one
 end-of-text per document (what the stage's `num_tokens` metric counts, before packing drops the
 remainder of each shard). Ray is shut down before the ideal and datasets runs, so its daemons do
-not share the cores with them.
+not share the cores with them. Each contender is measured `--repeat` times and the best counts.
 
-    .venv/bin/python bench/preprocess.py [--mb 40] [--workers 2] [--profile]
+Besides wall clock, it records CPU seconds per process (from /proc: Ray workers, Ray's daemons,
+the driver, child processes) and the CPU that the rest of the machine used meanwhile, and it times
+the job code (`scan_shard`, `encode_shard`, their pieces, a bare tokenizer loop) on a slice of one
+shard in this process, interleaved and best-of-N: on a shared machine that is the steadiest number.
+
+    .venv/bin/python bench/preprocess.py [--mb 40] [--workers 2] [--repeat 2] [--profile] [--json FILE]
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import json
 import logging
 import math
 import pstats
+import resource
 import shutil
 import sys
 import tempfile
@@ -54,6 +60,69 @@ DATA_ROOT = REPO / "bench" / ".data"
 NUM_FILES = 4
 SEED = 0
 BATCH = 512  # the stage's _ENCODE_BATCH
+BREAKDOWN_MB, BREAKDOWN_REPS = 1.0, 5  # the in-process breakdown: a 1 MB slice of shard 0, best of 5
+_CLK = os.sysconf("SC_CLK_TCK")
+_RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+# --------------------------------------------------------------------------------------------
+# CPU accounting: this machine is shared, so wall clock alone cannot tell our cost from others'
+# --------------------------------------------------------------------------------------------
+
+class CpuMeter:
+    """CPU seconds used by this process, its live descendants (split into Ray workers and Ray's
+    daemons) and its reaped children, and by everything else on the machine (/proc/stat)."""
+
+    def __init__(self):
+        self.root = os.getpid()
+        self.workers: set[int] = set()
+
+    def sample(self) -> dict:
+        table = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            fields = data[data.rfind(")") + 2:].split()
+            table[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK)
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        procs = {}
+        stack = list(children.get(self.root, []))
+        while stack:
+            pid = stack.pop()
+            stack.extend(children.get(pid, []))
+            if pid not in self.workers:
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read().decode(errors="replace")
+                except OSError:
+                    cmd = ""
+                if (cmd.startswith("ray::") and not cmd.startswith(_RAY_AGENTS)) or "default_worker.py" in cmd:
+                    self.workers.add(pid)
+            procs[pid] = table[pid][1]
+        own, reaped = os.times(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        with open("/proc/stat") as f:
+            cpu = [int(x) for x in f.readline().split()[1:]]
+        busy = sum(cpu[i] for i in (0, 1, 2, 5, 6)) / _CLK  # user nice system irq softirq
+        return {"t": time.perf_counter(), "procs": procs, "driver": own.user + own.system,
+                "reaped": reaped.ru_utime + reaped.ru_stime, "busy": busy, "steal": cpu[7] / _CLK}
+
+    def delta(self, a: dict, b: dict) -> dict:
+        """Per-process differences; a process that exited in between loses its last CPU (a little)."""
+        d = {k: b[k] - a[k] for k in ("t", "driver", "reaped", "busy", "steal")}
+        d["workers"] = d["ray"] = 0.0
+        for pid, cpu in b["procs"].items():
+            d["workers" if pid in self.workers else "ray"] += cpu - a["procs"].get(pid, 0.0)
+        d["ours"] = d["driver"] + d["workers"] + d["ray"] + d["reaped"]
+        d["others"] = max(d["busy"] - d["ours"], 0.0)
+        d["wall"] = d.pop("t")
+        return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,8 +148,8 @@ def ensure_corpus(mb: float) -> tuple[Path, dict]:
     per_doc = sum(len(json.dumps({"id": "doc-00000000", "text": d}, ensure_ascii=False).encode()) + 1
                   for d in sample) / len(sample)
     docs_per_file = max(1, round(mb * 1e6 / per_doc / NUM_FILES))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=DATA_ROOT if DATA_ROOT.exists() else None))
     DATA_ROOT.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=DATA_ROOT))  # renamed into place when complete
     paths, num_docs, _, nbytes = make_corpus.write_corpus(str(tmp), NUM_FILES, docs_per_file, SEED, "jsonl")
     meta = {"num_docs": num_docs, "bytes": nbytes, "files": NUM_FILES, "seed": SEED}
     (tmp / "_DONE.json").write_text(json.dumps(meta))
@@ -122,26 +191,39 @@ stages:
 """
 
 
-def make_console():
-    """A Console that also timestamps its lines and each pass's progress (the scan / encode split)."""
+def make_console(meter: CpuMeter, stage_name: str):
+    """A Console that also timestamps each pass's progress (the scan / encode split) and samples
+    CPU use at the stage's and the passes' edges."""
     from orchestrator.console import Console
 
     class TimingConsole(Console):
         def __init__(self):
             super().__init__(sys.stdout)
             self.passes: dict[str, dict] = {}
+            self.stage_cpu: list[dict] = []
 
         def line(self, text: str) -> None:
             super().line("    | " + text)
 
+        def stage_started(self, name, kind, reason):
+            if name == stage_name:
+                self.stage_cpu = [meter.sample()]
+            super().stage_started(name, kind, reason)
+
+        def stage_finished(self, name, stage):
+            if name == stage_name and self.stage_cpu:
+                self.stage_cpu.append(meter.sample())
+            super().stage_finished(name, stage)
+
         @contextlib.contextmanager
         def progress(self, total: int, label: str):
-            record = {"start": time.time(), "done": [], "end": None, "total": total}
+            record = {"start": time.time(), "done": [], "end": None, "total": total, "cpu": [meter.sample()]}
             self.passes[label] = record
             try:
                 yield lambda n=1: record["done"].append(time.time())
             finally:
                 record["end"] = time.time()
+                record["cpu"].append(meter.sample())
 
     return TimingConsole()
 
@@ -167,27 +249,32 @@ def run_ours(data_dir: Path, storage_dir: str, args) -> dict:
     fields = dict(storage=storage_dir, data=data_dir, vocab_size=args.vocab_size, sample_mb=args.sample_mb,
                   shard_mb=args.shard_mb)
     results = {"ray_init_s": ray_start}
+    meter = CpuMeter()
     try:
-        for run, vf in (("run1", 0.01), ("run2", 0.02)):
-            console = make_console()
-            print(f"  ours {run}: {'tokenizer + preprocess' if run == 'run1' else 'preprocess only (validation_fraction changed)'}")
+        for k in range(1 + args.repeat):
+            run, vf = f"run{k + 1}", round(0.01 * (k + 1), 2)
+            console = make_console(meter, "corpus")
+            print(f"  ours {run}: " + ("tokenizer + preprocess" if k == 0 else
+                                       f"preprocess only (validation_fraction {vf}; the tokenizer stage is cached)"))
             spec = parse_spec(PIPELINE.format(validation_fraction=vf, **fields))
             t0 = time.perf_counter()
             record = run_pipeline(spec, open_storage(f"file://{storage_dir}"), console=console)
             wall = time.perf_counter() - t0
             stage = record.stages["corpus"]
             assert stage.status == "succeeded" and not stage.cached, stage
-            if run == "run2":
-                assert record.stages["tok"].cached, "run 2 should reuse the tokenizer stage"
+            if k:
+                assert record.stages["tok"].cached, "reruns should reuse the tokenizer stage"
             passes = {label: {"wall_s": p["end"] - p["start"], "shards": p["total"],
-                              "first_done_s": (p["done"][0] - p["start"]) if p["done"] else None,
-                              "offset_s": p["start"] - stage.started_at}
+                              "done_s": [t - p["start"] for t in p["done"]],
+                              "offset_s": p["start"] - stage.started_at,
+                              "cpu": meter.delta(*p["cpu"])}
                       for label, p in console.passes.items() if label != "training tokenizer"}
             results[run] = {
                 "stage_s": stage.finished_at - stage.started_at,
                 "pipeline_wall_s": wall,
                 "metrics": stage.metrics,
                 "passes": passes,
+                "cpu": meter.delta(*console.stage_cpu),
                 "output_uri": stage.output_uri,
                 "tok_output_uri": record.stages["tok"].output_uri,
             }
@@ -200,18 +287,20 @@ def run_ours(data_dir: Path, storage_dir: str, args) -> dict:
 # Ideal: bare encode_batch_fast, one thread
 # --------------------------------------------------------------------------------------------
 
-def run_ideal(docs: list[str], tokenizer_file: str) -> dict:
+def run_ideal(docs: list[str], tokenizer_file: str, method: str = "encode_batch_fast") -> dict:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_file)
-    tok.encode_batch_fast(docs[:BATCH], add_special_tokens=False)  # warm-up
+    encode = getattr(tok, method)
+    encode(docs[:BATCH], add_special_tokens=False)  # warm-up
     tokens = 0
-    c0, t0 = time.process_time(), time.perf_counter()
+    meter = CpuMeter()
+    a = meter.sample()
     for i in range(0, len(docs), BATCH):
         batch = docs[i:i + BATCH]
-        tokens += sum(len(e) for e in tok.encode_batch_fast(batch, add_special_tokens=False)) + len(batch)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"tokens": tokens, "docs": len(docs), "wall_s": wall, "cpu_s": cpu}
+        tokens += sum(len(e) for e in encode(batch, add_special_tokens=False)) + len(batch)
+    cpu = meter.delta(a, meter.sample())
+    return {"tokens": tokens, "docs": len(docs), "wall_s": cpu["wall"], "cpu": cpu}
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,15 +326,17 @@ def run_datasets(files: list[str], tokenizer_file: str, eos_id: int, workers: in
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     cache = tempfile.mkdtemp(prefix="bench-datasets-")
+    meter = CpuMeter()
     try:
+        a = meter.sample()
         t0 = time.perf_counter()
         ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=cache)
         t_load = time.perf_counter() - t0
         out = ds.map(_ds_tokenize, batched=True, batch_size=BATCH, num_proc=workers,
                      remove_columns=ds.column_names, fn_kwargs={"tokenizer_file": tokenizer_file, "eos_id": eos_id})
-        wall = time.perf_counter() - t0
+        cpu = meter.delta(a, meter.sample())
         tokens = int(pc.sum(pc.list_value_length(out.data.column("input_ids"))).as_py())
-        return {"tokens": tokens, "docs": len(out), "wall_s": wall, "load_s": t_load}
+        return {"tokens": tokens, "docs": len(out), "wall_s": cpu["wall"], "load_s": t_load, "cpu": cpu}
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -255,50 +346,69 @@ def run_datasets(files: list[str], tokenizer_file: str, eos_id: int, workers: in
 # --------------------------------------------------------------------------------------------
 
 def breakdown(data_dir: Path, corpus_uri: str, args) -> dict:
-    """Times one shard's scan_shard and encode_shard in this process, and the pieces they share."""
-    from jobs.preprocess import PreprocessSpec, _clean_documents, encode_shard, load_scan, scan_shard
-    from jobs.sources import ShardReader, list_source_files, plan_shards, SourceSpec
+    """CPU cost of the job code on a slice of one shard, in this process, without Ray.
+
+    The pieces are measured interleaved, `BREAKDOWN_REPS` times, keeping each one's minimum: on
+    a machine that others share, that is the estimate least inflated by their load.
+    """
+    from jobs.preprocess import PreprocessSpec, _clean_documents, _tokenizer, encode_shard, load_scan, scan_shard
+    from jobs.sources import Shard, ShardReader, SourceSpec, list_source_files, plan_shards
     from jobs.storage import open_storage
+    from jobs.text import dedup_key, normalize
 
     spec = PreprocessSpec(seq_len=1024, dedup=True, validation_fraction=0.01, shard_mb=args.shard_mb)
     files = list_source_files(SourceSpec(paths=[f"{data_dir}/*.jsonl"]))
     shard = plan_shards(files, "jsonl", int(args.shard_mb * 1e6))[0]
+    piece = Shard(0, shard.uri, shard.format, 0, min(shard.end, int(BREAKDOWN_MB * 1e6)))
     tokenizer_uri = corpus_uri.rstrip("/") + "/tokenizer"
+    tok, _ = _tokenizer(tokenizer_uri)  # the worker's once-per-process load, not counted
     tmp = tempfile.mkdtemp(prefix="bench-shard-")
     try:
         out = open_storage(f"file://{tmp}")
+        raw = [item[1] for item in ShardReader(piece, "text")]
+        texts = list(_clean_documents(ShardReader(piece, "text"), spec, Counter(), []))
+        scan_shard(piece, spec, "text", out)
+        keys = load_scan(out, piece.index)[0]
+        keep = np.ones(len(keys), dtype=bool)
 
-        def timed(fn, *a):
-            t0 = time.perf_counter()
-            result = fn(*a)
-            return time.perf_counter() - t0, result
+        def encode():
+            for info in out.list("data/"):  # encode_shard skips a shard that is already committed
+                out.delete(info.key)
+            return encode_shard(piece, spec, "text", keys, keep, tokenizer_uri, out)
 
-        t_read, lines = timed(lambda: sum(1 for _ in ShardReader(shard, "text")))
-        t_clean, texts = timed(lambda: list(_clean_documents(ShardReader(shard, "text"), spec, Counter(), [])))
-        t_scan, _ = timed(scan_shard, shard, spec, "text", out)
-        keep = np.ones(len(load_scan(out, shard.index)[0]), dtype=bool)
-        from jobs.preprocess import _tokenizer
-        _tokenizer(tokenizer_uri)  # the worker's once-per-process load, not counted
-        t_encode, counts = timed(encode_shard, shard, spec, "text", keep, tokenizer_uri, out)
-        tok, _ = _tokenizer(tokenizer_uri)
-        t_tok, _ = timed(lambda: [tok.encode_batch_fast(texts[i:i + BATCH], add_special_tokens=False)
-                                  for i in range(0, len(texts), BATCH)])
-        result = {
-            "shard_mb": (shard.end - shard.start) / 1e6, "docs": len(texts), "tokens": counts["num_tokens"],
-            "read_parse_s": t_read, "read_parse_clean_s": t_clean, "scan_s": t_scan, "encode_s": t_encode,
-            "bare_tokenize_s": t_tok,
+        pieces = {
+            "read_parse_s": lambda: [item for item in ShardReader(piece, "text")],
+            "normalize_s": lambda: [normalize(t, spec.normalize) for t in raw],
+            "read_parse_clean_s": lambda: list(_clean_documents(ShardReader(piece, "text"), spec, Counter(), [])),
+            "dedup_key_s": lambda: [dedup_key(t) for t in texts],
+            "scan_s": lambda: scan_shard(piece, spec, "text", out),
+            "encode_s": encode,
+            "bare_tokenize_s": lambda: [tok.encode_batch_fast(texts[i:i + BATCH], add_special_tokens=False)
+                                        for i in range(0, len(texts), BATCH)],
         }
-        if args.profile:
+        best = dict.fromkeys(pieces, float("inf"))
+        for _ in range(BREAKDOWN_REPS):
+            for name, fn in pieces.items():
+                t0 = time.process_time()
+                fn()
+                best[name] = min(best[name], time.process_time() - t0)
+        result = {"shard_mb": (piece.end - piece.start) / 1e6, "docs": len(texts),
+                  "tokens": encode()["num_tokens"], **best}
+        if args.profile:  # the whole first shard, once, as a Ray worker would run it
             result["profiles"] = {}
+            scan_shard(shard, spec, "text", out)
+            keys = load_scan(out, shard.index)[0]
+            keep = np.ones(len(keys), dtype=bool)
             for name, fn, fargs in (("scan_shard", scan_shard, (shard, spec, "text", out)),
-                                    ("encode_shard", encode_shard, (shard, spec, "text", keep, tokenizer_uri, out))):
-                for key in list(out.list("")):
-                    out.delete(key.key)
+                                    ("encode_shard", encode_shard,
+                                     (shard, spec, "text", keys, keep, tokenizer_uri, out))):
+                for info in out.list(""):
+                    out.delete(info.key)
                 profiler = cProfile.Profile()
                 profiler.runcall(fn, *fargs)
                 buffer = io.StringIO()
                 pstats.Stats(profiler, stream=buffer).sort_stats("tottime").print_stats(14)
-                result["profiles"][name] = buffer.getvalue()
+                result["profiles"][name] = f"({(shard.end - shard.start) / 1e6:.2f} MB)\n" + buffer.getvalue()
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -312,6 +422,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="Ray CPUs for our stage, num_proc for datasets, x for the ideal")
     p.add_argument("--shard-mb", type=float, default=None,
                    help="preprocess shard_mb (default: about 4 shards per worker, cut evenly from the files)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="measurements of each contender (ours: preprocess-only reruns after run 1); the best counts")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--sample-mb", type=float, default=4.0, help="tokenizer stage training sample (not timed)")
     p.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard (the CLI starts it)")
@@ -336,13 +448,17 @@ def main(argv=None) -> int:
         tokenizer_file = os.path.join(tok_dir, "tokenizer.json")
         eos_id = json.load(open(os.path.join(tok_dir, "info.json")))["eos_id"]
 
-        print("  ideal: bare encode_batch_fast, one thread")
         docs = read_documents(files)
-        ideal = run_ideal(docs, tokenizer_file)
+        ideals, dss = [], []
+        for k in range(max(args.repeat, 1)):
+            print(f"  ideal #{k + 1}: bare encode_batch_fast, one thread")
+            ideals.append(run_ideal(docs, tokenizer_file))
+            print(f"  datasets #{k + 1}: load_dataset('json') + map(batched=True, num_proc={args.workers})")
+            dss.append(run_datasets(files, tokenizer_file, eos_id, args.workers))
+        print("  ideal (as the issue words it): bare encode_batch (with offsets), one thread")
+        ideal_offsets = run_ideal(docs, tokenizer_file, "encode_batch")
         del docs
-        print(f"  datasets: load_dataset('json') + map(batched=True, num_proc={args.workers})")
-        ds = run_datasets(files, tokenizer_file, eos_id, args.workers)
-        print("  breakdown: one shard's passes, in process, no Ray")
+        print("  breakdown: the job code on a slice of shard 0, in process, no Ray")
         shard = breakdown(data_dir, ours["run1"]["output_uri"], args)
     finally:
         if args.keep:
@@ -351,67 +467,101 @@ def main(argv=None) -> int:
             shutil.rmtree(storage_dir, ignore_errors=True)
 
     # ---- report ----
-    m1, m2 = ours["run1"]["metrics"], ours["run2"]["metrics"]
-    ours_tokens = m1["num_tokens"]
-    assert m2["num_tokens"] == ours_tokens
-    rate = lambda tokens, s: tokens / s  # noqa: E731
-    single = rate(ideal["tokens"], ideal["wall_s"])
-    ideal_rate = single * args.workers
-    ours1 = rate(ours_tokens, ours["run1"]["stage_s"])
-    ours2_stage = rate(ours_tokens, ours["run2"]["stage_s"])
-    ours2_e2e = rate(ours_tokens, ours["run2"]["pipeline_wall_s"])
-    ds_rate = rate(ds["tokens"], ds["wall_s"])
-
+    w = args.workers
+    runs = {k: v for k, v in ours.items() if k.startswith("run")}
+    ours_tokens = runs["run1"]["metrics"]["num_tokens"]
+    m1 = runs["run1"]["metrics"]
     print()
     print(f"tokens (ids + 1 end-of-text per kept doc): ours {ours_tokens:,} ({m1['num_documents']:,} docs, "
-          f"drops {m1['drops']}), ideal {ideal['tokens']:,} ({ideal['docs']:,} docs), "
-          f"datasets {ds['tokens']:,} ({ds['docs']:,} docs)")
-    for name, n in (("ideal", ideal["tokens"]), ("datasets", ds["tokens"])):
+          f"drops {m1['drops']}), ideal {ideals[0]['tokens']:,} ({ideals[0]['docs']:,} docs), "
+          f"datasets {dss[0]['tokens']:,} ({dss[0]['docs']:,} docs)")
+    for name, n in [("ours " + k, r["metrics"]["num_tokens"]) for k, r in runs.items()] + \
+                   [("ideal", i["tokens"]) for i in ideals] + [("datasets", d["tokens"]) for d in dss]:
         assert abs(n - ours_tokens) <= 1e-3 * ours_tokens, f"token counts disagree: ours {ours_tokens}, {name} {n}"
-    print(f"{'':44} {'seconds':>8} {'tokens/s':>12} {'ours/this':>9}")
-    rows = [
-        (f"ours, run 1 stage ({m1['num_shards']} shards)", ours["run1"]["stage_s"], ours1),
-        ("ours, run 2 stage (only preprocess reruns)", ours["run2"]["stage_s"], ours2_stage),
-        ("ours, run 2 run_pipeline end to end", ours["run2"]["pipeline_wall_s"], ours2_e2e),
-        (f"ideal, 1 thread (cpu/wall {ideal['cpu_s'] / ideal['wall_s']:.2f})", ideal["wall_s"], single),
-        (f"ideal x {args.workers}", ideal["wall_s"] / args.workers, ideal_rate),
-        (f"datasets load + map(num_proc={args.workers}) (load {ds['load_s']:.1f}s)", ds["wall_s"], ds_rate),
-    ]
-    for label, seconds, r in rows:
-        print(f"{label:44} {seconds:8.2f} {r:12,.0f} {ours1 / r:9.2f}")
-    print(f"ours / ideal    = {ours1 / ideal_rate:.3f}  (run 2 stage: {ours2_stage / ideal_rate:.3f}, "
-          f"run 2 end to end: {ours2_e2e / ideal_rate:.3f}; aim >= 0.85)")
-    print(f"ours / datasets = {ours1 / ds_rate:.3f}  (run 2 stage: {ours2_stage / ds_rate:.3f}, "
-          f"run 2 end to end: {ours2_e2e / ds_rate:.3f}; aim > 1)")
 
-    print("\nwhere our stage's time goes (run 1 | run 2), from the console's progress hooks:")
-    for run in ("run1", "run2"):
-        r = ours[run]
-        passes = r["passes"]
-        scan, enc = passes.get("scan"), passes.get("tokenize + pack")
-        before = scan["offset_s"]
+    ideal_best = min(ideals, key=lambda r: r["wall_s"])
+    ideal_rate = ideal_best["tokens"] / ideal_best["wall_s"] * w
+    print(f"\n{'measurement (wall clock)':58} {'seconds':>8} {'tokens/s':>11} {'/ideal':>7} {'others load':>11}")
+    def row(label, seconds, c=None):
+        rate = ours_tokens / seconds
+        load = f"{c['others'] / c['wall']:.2f}" if c else ""
+        print(f"{label:58} {seconds:8.2f} {rate:11,.0f} {rate / ideal_rate:7.2f} {load:>11}")
+        return rate
+    stage_rates, e2e_rates = {}, {}
+    for k, r in runs.items():
+        what = "after the tokenizer stage" if k == "run1" else "only preprocess reruns"
+        stage_rates[k] = row(f"ours {k}: preprocess stage ({what})", r["stage_s"], r["cpu"])
+        if k != "run1":
+            e2e_rates[k] = row(f"ours {k}: run_pipeline end to end", r["pipeline_wall_s"])
+    for i, r in enumerate(ideals, 1):
+        row(f"ideal #{i}: encode_batch_fast, 1 thread", r["wall_s"], r["cpu"])
+        row(f"ideal #{i} x {w}", r["wall_s"] / w)
+    ds_rates = [row(f"datasets #{i}: load_dataset + map(num_proc={w})", r["wall_s"], r["cpu"])
+                for i, r in enumerate(dss, 1)]
+    print("  (others load: average number of cores busy with processes outside this benchmark meanwhile)")
+    loads = ", ".join(f"{r['load_s']:.1f}" for r in dss)
+    print(f"  (ray.init took {ours['ray_init_s']:.1f}s, outside every number above; datasets' load_dataset took "
+          f"{loads}s, inside its numbers)")
+    ours_rate, ds_rate = max(stage_rates.values()), max(ds_rates)
+    e2e_rate = max(e2e_rates.values()) if e2e_rates else float("nan")
+    print(f"\nbest of each: ours {ours_rate:,.0f} tokens/s (stage; {e2e_rate:,.0f} end to end), "
+          f"ideal {ideal_rate:,.0f}, datasets {ds_rate:,.0f}")
+    print(f"ours / ideal    = {ours_rate / ideal_rate:.3f}   (end to end {e2e_rate / ideal_rate:.3f}; "
+          f"run 1 {stage_rates['run1'] / ideal_rate:.3f}; aim >= 0.85)")
+    offsets_rate = ideal_offsets["tokens"] / ideal_offsets["wall_s"] * w
+    print(f"ours / ideal with encode_batch (the issue's wording; it also computes offsets, which we "
+          f"skip) = {ours_rate / offsets_rate:.3f}   ({offsets_rate:,.0f} tokens/s)")
+    print(f"ours / datasets = {ours_rate / ds_rate:.3f}   (end to end {e2e_rate / ds_rate:.3f}; "
+          f"run 1 {stage_rates['run1'] / ds_rate:.3f}; aim > 1)")
+
+    # CPU view: tokens per CPU-second of everything each contender ran (ours: workers + Ray's
+    # daemons + driver). Less sensitive to others' load than wall clock, though not immune to it
+    # (2 vCPUs that others share also slow each other down).
+    print(f"\n{'CPU seconds (best of each)':58} {'cpu s':>8} {'tok/cpu-s':>11} {'/ideal':>7}  split")
+    best_cpu = {
+        "ours, preprocess stage": min((r["cpu"] for r in runs.values()), key=lambda c: c["ours"]),
+        "ideal, 1 thread": min((r["cpu"] for r in ideals), key=lambda c: c["ours"]),
+        f"datasets, load + map(num_proc={w})": min((r["cpu"] for r in dss), key=lambda c: c["ours"]),
+    }
+    ideal_cpu = best_cpu["ideal, 1 thread"]["ours"]
+    for label, c in best_cpu.items():
+        split = (f"workers {c['workers']:.1f}, Ray daemons {c['ray']:.1f}, driver {c['driver']:.1f}" if label.startswith("ours")
+                 else f"main process {c['driver']:.1f}, child processes {c['reaped'] + c['workers'] + c['ray']:.1f}")
+        print(f"{label:58} {c['ours']:8.2f} {ours_tokens / c['ours']:11,.0f} {ideal_cpu / c['ours']:7.2f}  {split}")
+
+    print("\nour stage, pass by pass (console progress hooks; wall s; busy = worker CPU / (wall x workers)):")
+    for k, r in runs.items():
+        scan, enc = r["passes"]["scan"], r["passes"]["tokenize + pack"]
         between = enc["offset_s"] - scan["offset_s"] - scan["wall_s"]
         after = r["stage_s"] - enc["offset_s"] - enc["wall_s"]
-        print(f"  {run}: stage {r['stage_s']:.2f}s = setup {before:.2f} + scan pass {scan['wall_s']:.2f} + "
-              f"dedup/keep-mask {between:.2f} + encode pass {enc['wall_s']:.2f} + manifest/commit {after:.2f}")
-    n_shards = m1["num_shards"]
-    per_worker = math.ceil(n_shards / args.workers)
-    print(f"one shard in process, no Ray ({shard['shard_mb']:.2f} MB, {shard['docs']:,} docs, {shard['tokens']:,} tokens):")
-    print(f"  read+parse {shard['read_parse_s']:.2f}s, read+parse+normalize+filter {shard['read_parse_clean_s']:.2f}s, "
-          f"scan_shard {shard['scan_s']:.2f}s, encode_shard {shard['encode_s']:.2f}s "
-          f"(its bare encode_batch_fast {shard['bare_tokenize_s']:.2f}s)")
-    print(f"  x {per_worker} shards per worker: scan ~{shard['scan_s'] * per_worker:.2f}s, "
-          f"encode ~{shard['encode_s'] * per_worker:.2f}s per pass if Ray cost nothing and 2 tasks ran at full speed")
+        print(f"  {k}: stage {r['stage_s']:.2f} = setup {scan['offset_s']:.2f} + scan pass {scan['wall_s']:.2f} + "
+              f"keep-mask {between:.2f} + encode pass {enc['wall_s']:.2f} + manifest {after:.2f}")
+        for label, p in (("scan", scan), ("encode", enc)):
+            c = p["cpu"]
+            print(f"    {label:6} worker CPU {c['workers']:6.2f}s, busy {c['workers'] / (c['wall'] * w):4.0%}, "
+                  f"Ray daemons {c['ray']:.2f}s, driver {c['driver']:.2f}s, others load {c['others'] / c['wall']:.2f}; "
+                  f"shards done at {', '.join(f'{t:.1f}' for t in p['done_s'])}s")
+    sh = shard
+    print(f"job code in process, no Ray, on a {sh['shard_mb']:.2f} MB slice of shard 0 ({sh['docs']:,} docs, {sh['tokens']:,} tokens), "
+          f"best-of-{BREAKDOWN_REPS} CPU s:")
+    print(f"  read+parse {sh['read_parse_s']:.3f} | normalize alone {sh['normalize_s']:.3f} | read+parse+normalize+filter "
+          f"{sh['read_parse_clean_s']:.3f} | dedup_key {sh['dedup_key_s']:.3f}")
+    print(f"  scan_shard {sh['scan_s']:.3f} + encode_shard {sh['encode_s']:.3f} = {sh['scan_s'] + sh['encode_s']:.3f} "
+          f"vs bare encode_batch_fast of its docs {sh['bare_tokenize_s']:.3f}: job code alone reaches "
+          f"{sh['bare_tokenize_s'] / (sh['scan_s'] + sh['encode_s']):.2f} of the ideal before any Ray cost")
+    scale = ours_tokens / sh["tokens"] / w
+    print(f"  scaled to the corpus on {w} otherwise idle cores: scan pass ~{sh['scan_s'] * scale:.1f}s + encode pass "
+          f"~{sh['encode_s'] * scale:.1f}s, of which bare tokenizing ~{sh['bare_tokenize_s'] * scale:.1f}s and "
+          f"normalize ~{sh['normalize_s'] * scale:.1f}s per pass")
     for name, text in shard.get("profiles", {}).items():
         print(f"\ncProfile of {name} on shard 0 (tottime):\n{text}")
     print(f"total bench time {time.perf_counter() - t_start:.0f}s")
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "corpus": meta, "ours": ours, "ideal": ideal, "datasets": ds,
-                       "shard": shard, "rates": {"ours_run1": ours1, "ours_run2_stage": ours2_stage,
-                                                 "ours_run2_e2e": ours2_e2e, "ideal": ideal_rate,
-                                                 "ideal_single": single, "datasets": ds_rate}}, f, indent=2)
+            json.dump({"args": vars(args), "corpus": meta, "ours": ours, "ideal": ideals, "datasets": dss,
+                       "shard": shard, "best": {"ours": ours_rate, "ours_e2e": e2e_rate, "ideal": ideal_rate,
+                                                "datasets": ds_rate}}, f, indent=2)
     return 0
 
 

@@ -19,6 +19,7 @@ seq_len tokens, which training memory-maps with `numpy.memmap`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import itertools
 import json
@@ -112,10 +113,12 @@ def load_scan(out: Storage, index: int) -> tuple[np.ndarray, dict] | None:
         return npz["keys"], json.loads(str(npz["meta"]))
 
 
-def encode_shard(
-    shard: Shard, spec: PreprocessSpec, text_field: str, keep: np.ndarray, tokenizer_uri: str, out: Storage
-) -> dict:
-    """Tokenize and pack the shard's kept documents; returns the shard commit's counts."""
+def encode_shard(shard: Shard, spec: PreprocessSpec, text_field: str, keys: np.ndarray, keep: np.ndarray,
+                 tokenizer_uri: str, out: Storage) -> dict:
+    """Tokenize and pack the shard's kept documents; returns the shard commit's counts.
+
+    `keys` are the scan's dedup keys of the shard's documents, `keep` the global dedup decision.
+    """
     commit_key = shard_commit_key(shard.index)
     already_committed = not verify_commit(out, commit_key)
     if already_committed:  # a retry of a shard whose first attempt committed before it died
@@ -124,20 +127,21 @@ def encode_shard(
     tokenizer, info = _tokenizer(tokenizer_uri)
     eos_id, dtype = info["eos_id"], token_dtype(info["vocab_size"])
     documents = _clean_documents(ShardReader(shard, text_field), spec, Counter(), [])
-    kept = (text for text, keep_it in zip(documents, keep) if keep_it)
-    streams: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    kept = ((text, int(key)) for text, key, keep_it in zip(documents, keys, keep) if keep_it)
+    streams: dict[str, list[int]] = {"train": [], "val": []}
     num_documents = 0
     for batch in iter(lambda: list(itertools.islice(kept, _ENCODE_BATCH)), []):
         num_documents += len(batch)
-        encodings = tokenizer.encode_batch_fast(batch, add_special_tokens=False)
-        for text, encoding in zip(batch, encodings):
-            split = "val" if is_validation(dedup_key(text), spec.validation_fraction) else "train"
-            streams[split].append(np.array(encoding.ids + [eos_id], dtype=dtype))
+        encodings = tokenizer.encode_batch_fast([text for text, _ in batch], add_special_tokens=False)
+        for (_, key), encoding in zip(batch, encodings):
+            stream = streams["val" if is_validation(key, spec.validation_fraction) else "train"]
+            stream.extend(encoding.ids)
+            stream.append(eos_id)
     counts: dict = {"num_documents": num_documents, "num_tokens": 0}
     with tempfile.TemporaryDirectory(prefix="orchestrator-encode-") as tmp:
         files = {}
-        for split, arrays in streams.items():
-            tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
+        for split, stream in streams.items():
+            tokens = np.array(stream, dtype=dtype)
             num_sequences = len(tokens) // spec.seq_len
             key = f"data/{split}-{shard.index:05d}.bin"
             files[key] = os.path.join(tmp, os.path.basename(key))
@@ -152,7 +156,8 @@ def encode_shard(
 @functools.lru_cache(maxsize=4)
 def _tokenizer(tokenizer_uri: str):
     """Fetched once per worker process; a worker encodes many shards with the same tokenizer."""
-    local_dir = tempfile.mkdtemp(prefix="orchestrator-tokenizer-")
+    digest = hashlib.sha256(tokenizer_uri.encode()).hexdigest()[:16]
+    local_dir = os.path.join(tempfile.gettempdir(), "orchestrator-cache", "tokenizers", digest)
     storage = open_storage(tokenizer_uri)
     for name in ("tokenizer.json", "info.json"):
         storage.download_file(name, os.path.join(local_dir, name))

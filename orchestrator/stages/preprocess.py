@@ -46,7 +46,7 @@ def run(ctx: StageContext) -> StageOutput:
     tokenizer_uri = out.sub("tokenizer").uri
     committed = {o.key for o in out.list("data/")}
     todo = [s for s in shards if shard_commit_key(s.index) not in committed or verify_commit(out, shard_commit_key(s.index))]
-    args = [(s, spec, spec.source.text_field, keep[s.index], tokenizer_uri, out) for s in todo]
+    args = [(s, spec, spec.source.text_field, scans[s.index][0], keep[s.index], tokenizer_uri, out) for s in todo]
     _run_tasks(ctx, encode_shard, args, len(shards), "tokenize + pack")
 
     commits = [read_commit(out, shard_commit_key(s.index)) for s in shards]
