@@ -56,6 +56,9 @@ def key_metrics(stage: StageRecord) -> str:
     if stage.kind == "preprocess" and "num_tokens" in m:
         return (f"{m['num_documents']:,} docs, {m['num_tokens']:,} tokens, "
                 f"{m['num_sequences']:,} seqs, {sum(m.get('drops', {}).values()):,} dropped")
+    if stage.kind == "pretrain" and m.get("final_loss") is not None:
+        resumed = f", resumed from step {m['resumed_from']}" if m.get("resumed_from") is not None else ""
+        return f"loss {m['final_loss']:.3f}, {m['tokens_per_s']:,.0f} tokens/s{resumed}"
     return ""
 
 

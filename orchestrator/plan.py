@@ -22,7 +22,7 @@ from jobs.storage import Storage
 from orchestrator.errors import UserError
 from orchestrator.spec import LocalPath, PipelineSpec
 
-STAGE_VERSIONS = {"tokenizer": 1, "preprocess": 1}
+STAGE_VERSIONS = {"tokenizer": 1, "preprocess": 1, "pretrain": 1}
 COMMIT_FILE = "_COMMIT.json"
 
 
@@ -50,7 +50,7 @@ def make_plan(spec: PipelineSpec, storage: Storage) -> list[PlannedStage]:
             "kind": stage.kind,
             "name": name,
             "version": STAGE_VERSIONS[stage.kind],
-            "fields": stage.model_dump(mode="json", exclude={"kind", *upstream}),
+            "fields": stage.model_dump(mode="json", exclude={"kind", *upstream, *getattr(stage, "NOT_HASHED", ())}),
             "upstream": {f: planned[ref].hash for f, ref in upstream.items()},
             "files": _fingerprint(name, stage),
         }

@@ -84,7 +84,8 @@ def _run_stage(p: PlannedStage, record: RunRecord, storage: Storage, console: Co
     console.stage_started(p.name, p.kind, p.reason)
     log.info("stage %s (%s) -> %s: %s", p.name, p.kind, p.uri, p.reason)
     try:
-        output = executor(p.kind)(StageContext(p.name, p.spec, out, p.upstream_uris, console))
+        output = executor(p.kind)(StageContext(p.name, p.hash, p.spec, out, p.upstream_uris, console))
+        stage.attempts += output.attempts - 1
         meta = {"stage": p.name, "kind": p.kind, "hash": p.hash, "inputs": p.inputs, "metrics": output.metrics}
         if not write_commit(out, COMMIT_FILE, output.files, meta) and verify_commit(out, COMMIT_FILE):
             raise RuntimeError(f"stage {p.name}: another commit appeared at {out.url(COMMIT_FILE)} and does not verify")

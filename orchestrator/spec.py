@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jobs.preprocess import PreprocessSpec
 from jobs.sources import SourceSpec
 from jobs.text import NormalizeSpec
+from jobs.train_spec import TrainSpec
 from orchestrator.errors import SpecError
 
 PIPELINE_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
@@ -89,8 +90,43 @@ class PreprocessStage(PreprocessSpec):
         return value
 
 
-Stage = Annotated[Union[TokenizerStage, PreprocessStage], Field(discriminator="kind")]
-KINDS: dict[str, type[BaseModel]] = {"tokenizer": TokenizerStage, "preprocess": PreprocessStage}
+class PretrainStage(TrainSpec):
+    """Trains a model from scratch on a preprocess stage's sequences with DeepSpeed ZeRO on Ray Train."""
+
+    REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"data": ("preprocess",)}
+    NOT_HASHED: ClassVar[set[str]] = {"max_failures"}
+
+    kind: Literal["pretrain"]
+    data: str
+    """The preprocess stage whose train split to train on."""
+    num_workers: int = Field(2, ge=1)
+    """Training workers (one per GPU, or CPU processes with gloo)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL and bf16; otherwise CPU workers with gloo and fp32."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs reserved for each worker."""
+    max_failures: int = Field(2, ge=0)
+    """Worker-group restarts allowed; each resumes from the newest committed checkpoint."""
+    global_batch: int | None = Field(None, ge=1)
+    """Sequences per optimizer step; sets grad_accum = global_batch / (micro_batch x num_workers)."""
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        if self.global_batch is not None:
+            per_pass = self.micro_batch * self.num_workers
+            if self.global_batch % per_pass:
+                raise ValueError(f"global_batch {self.global_batch} does not divide by micro_batch {self.micro_batch} x "
+                                 f"num_workers {self.num_workers} = {per_pass}; use a multiple of {per_pass}")
+            if "grad_accum" in self.model_fields_set and self.grad_accum != self.global_batch // per_pass:
+                raise ValueError(f"grad_accum {self.grad_accum} contradicts global_batch {self.global_batch} "
+                                 f"(= {self.global_batch // per_pass} x {per_pass}); give one of them")
+            object.__setattr__(self, "grad_accum", self.global_batch // per_pass)  # frozen: derived once, here
+        return self
+
+
+Stage = Annotated[Union[TokenizerStage, PreprocessStage, PretrainStage], Field(discriminator="kind")]
+KINDS: dict[str, type[BaseModel]] = {"tokenizer": TokenizerStage, "preprocess": PreprocessStage,
+                                     "pretrain": PretrainStage}
 
 
 class PipelineSpec(BaseModel):
@@ -165,9 +201,23 @@ def parse_spec(text: str, source: str = "<pipeline>") -> PipelineSpec:
     except ValidationError as e:
         problems = [_describe(err) for err in e.errors()] + problems
         spec = None
+    if spec is not None:
+        problems += _cross_stage_problems(spec)
     if problems:
         raise SpecError(source, problems)
     return spec
+
+
+def _cross_stage_problems(spec: PipelineSpec) -> list[str]:
+    """Checks that need two stages at once, so that they fail at validate, before any GPU time."""
+    problems = []
+    for name, stage in spec.stages.items():
+        data = spec.stages.get(getattr(stage, "data", None) or "")
+        if isinstance(stage, PretrainStage) and isinstance(data, PreprocessStage):
+            if data.seq_len > stage.model.max_position_embeddings:
+                problems.append(f"stages.{name}.model.max_position_embeddings: {stage.model.max_position_embeddings} is "
+                                f"shorter than stages.{stage.data}.seq_len {data.seq_len}; raise it or shorten seq_len")
+    return problems
 
 
 def _duplicate_keys(node, path: str = "") -> list[str]:

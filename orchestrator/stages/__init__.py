@@ -14,6 +14,7 @@ from orchestrator.console import Console
 @dataclass
 class StageContext:
     name: str
+    hash: str  # the stage's content hash (a checkpoint resumes only under the same one)
     spec: object  # the stage's own model from orchestrator.spec, never the whole pipeline
     out: Storage  # the stage's output directory
     inputs: dict[str, str]  # reference field -> the referenced stage's output URI
@@ -24,9 +25,10 @@ class StageContext:
 class StageOutput:
     files: dict[str, FileEntry]  # every file of the output, relative to ctx.out
     metrics: dict = field(default_factory=dict)
+    attempts: int = 1  # times the stage's work started within this driver attempt (worker-group restarts)
 
 
 def executor(kind: str):
-    from orchestrator.stages import preprocess, tokenizer
+    from orchestrator.stages import preprocess, pretrain, tokenizer
 
-    return {"tokenizer": tokenizer.run, "preprocess": preprocess.run}[kind]
+    return {"tokenizer": tokenizer.run, "preprocess": preprocess.run, "pretrain": pretrain.run}[kind]

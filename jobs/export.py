@@ -1,0 +1,55 @@
+"""Hugging Face export: safetensors weights + config + tokenizer, loadable with
+`AutoModelForCausalLM` / `AutoTokenizer`, from a live engine or from a committed checkpoint.
+
+ZeRO-3 shards every weight across ranks; both paths gather them into one consolidated fp32
+state dict first (a live engine with `GatheredParameters`, a checkpoint with DeepSpeed's
+`zero_to_fp32`), so the export is the same whatever the ZeRO stage was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def gather_state_dict(engine, zero_stage: int, rank: int) -> dict | None:
+    """Collective: the full state dict on rank 0 (None elsewhere)."""
+    import deepspeed
+
+    module = engine.module
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+    else:
+        state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+    return state
+
+
+def save_hf(state_dict: dict, config, tokenizer_dir: str, out_dir: str) -> None:
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(state_dict, assign=True, strict=False)
+    missing = set(model.state_dict()) - set(state_dict)
+    if missing - {"lm_head.weight"} or ("lm_head.weight" in missing and not config.tie_word_embeddings):
+        raise ValueError(f"the checkpoint lacks weights: {sorted(missing)[:5]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(tokenizer_dir, name)):
+            shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
+
+
+def state_dict_from_checkpoint(local_dir: str, tag: str) -> dict:
+    """The consolidated fp32 weights of a DeepSpeed ZeRO checkpoint (all ranks' files present)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(local_dir, tag=tag)
+    return {k: v.float() for k, v in state.items()}

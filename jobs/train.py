@@ -1,0 +1,245 @@
+"""The training loop that pretraining and fine-tuning share: DeepSpeed ZeRO on every rank.
+
+`train(job)` runs on each worker. It does not know about Ray: Ray Train starts it with the
+process group already set up; `python -m jobs.train JOB.json` under `torchrun` starts it bare,
+and it sets the process group up itself. Nothing here assumes one node: ranks come from the
+process group, devices from LOCAL_RANK, data from storage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from jobs.checkpoint import CheckpointWriter, committed_steps, fetch_for_rank, step_key
+from jobs.commit import file_entry
+from jobs.data import BatchOrder, PackedTokens, micro_batch_tokens
+from jobs.deepspeed_config import build_deepspeed_config, load_user_config
+from jobs.export import gather_state_dict, save_hf
+from jobs.faults import crash_point
+from jobs.model import flops_per_token, llama_config
+from jobs.train_spec import TrainSpec
+from jobs.storage import open_storage
+
+# Dense bf16 peak FLOP/s per device, as the vendors state them (no sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclass
+class TrainJob:
+    spec: TrainSpec
+    data_uri: str  # a preprocess stage's output
+    out_uri: str  # the training stage's output: ckpt/, hf/, tb/
+    config_hash: str  # the stage hash: a checkpoint is only resumed by the same configuration
+    cache_dir: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "orchestrator-cache"))
+    report: Callable[[dict], None] = print
+    on_start: Callable[[int | None], None] | None = None  # called once resumed: (step resumed from or None)
+
+
+def train(job: TrainJob) -> dict:
+    spec = job.spec
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = _device()
+    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
+
+    data = PackedTokens(job.data_uri, "train", job.cache_dir)
+    local_dir = tempfile.mkdtemp(prefix=f"orchestrator-train-{rank}-")
+    tokenizer_dir = _fetch_tokenizer(job.data_uri, local_dir)
+    config = llama_config(spec.model, data.vocab_size, data.eos_id, _pad_id(tokenizer_dir))
+    engine = _engine(spec, config, world, bf16, device)
+    ckpt = open_storage(job.out_uri).sub("ckpt")
+
+    start_step, resumed_from = _resume(engine, ckpt, rank, local_dir, job)
+    if job.on_start:
+        job.on_start(resumed_from)
+    tensorboard = _tensorboard(local_dir) if rank == 0 else None
+    order = BatchOrder(len(data), spec.micro_batch, spec.grad_accum, world, spec.seed)
+    writer = CheckpointWriter(ckpt, rank, world, local_dir, spec.keep_last, spec.keep_every)
+    extras = _checkpoint_extras(config, tokenizer_dir, local_dir) if rank == 0 else {}
+    flops = flops_per_token(config, data.seq_len)
+    peak = (_peak_flops(device) or 0.0) * world
+    tokens_per_step = order.global_batch * data.seq_len
+    metrics: dict = {"resumed_from": resumed_from}
+    window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64)
+
+    for step in range(start_step, spec.steps):
+        for micro in range(spec.grad_accum):
+            tokens = torch.from_numpy(micro_batch_tokens(data, order.indices(step, micro, rank))).to(device)
+            loss = engine(input_ids=tokens, labels=tokens).loss
+            engine.backward(loss)
+            engine.step()
+            window_loss += loss.detach().double().cpu() / spec.grad_accum
+        window_steps += 1
+        crash_point("train", step + 1)
+        done = step + 1
+        if done % spec.checkpoint_every == 0 or done == spec.steps:
+            meta = {"data_position": done * order.global_batch, "seed": spec.seed, "config_hash": job.config_hash,
+                    "world_size": world, "zero_stage": spec.zero_stage}
+            writer.save(engine, done, {"step": done}, meta, extras)
+        if done % spec.log_every == 0 or done == spec.steps:
+            dist.all_reduce(window_loss)
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_steps * tokens_per_step / elapsed
+            metrics.update(
+                step=done,
+                loss=float(window_loss) / world / window_steps,
+                lr=engine.get_lr()[0],
+                grad_norm=_float(engine.get_global_grad_norm()),
+                tokens_per_s=tokens_per_s,
+                mfu=tokens_per_s * flops / peak if peak else None,
+            )
+            if rank == 0:
+                job.report(dict(metrics))
+                for name in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+                    if metrics[name] is not None:
+                        tensorboard.add_scalar(f"train/{name}", metrics[name], done)
+            window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64)
+
+    writer.wait()  # the last checkpoint is committed before the export says "done"
+    state = gather_state_dict(engine, spec.zero_stage, rank)
+    if rank == 0:
+        tensorboard.close()
+        out = open_storage(job.out_uri)
+        hf_dir = os.path.join(local_dir, "hf")
+        save_hf(state, config, tokenizer_dir, hf_dir)
+        files = {}
+        for prefix, directory in (("hf", hf_dir), ("tb", tensorboard.logdir)):
+            for key in out.upload_dir(directory, prefix):
+                entry = file_entry(os.path.join(directory, key.removeprefix(prefix + "/")))
+                files[key] = (entry.size, entry.sha256)
+        metrics["files"] = files
+        metrics["final_loss"] = metrics.get("loss")
+        metrics["last_checkpoint"] = ckpt.url(step_key(spec.steps))
+    dist.barrier()
+    return metrics
+
+
+def _tensorboard(local_dir: str):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(os.path.join(local_dir, "tb"))
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _engine(spec: TrainSpec, config, world: int, bf16: bool, device: torch.device):
+    import deepspeed
+    from transformers import LlamaForCausalLM
+
+    user = load_user_config(spec.deepspeed_config) if spec.deepspeed_config else None
+    ds_config = build_deepspeed_config(zero_stage=spec.zero_stage, micro_batch=spec.micro_batch,
+                                       grad_accum=spec.grad_accum, world_size=world, grad_clip=spec.grad_clip,
+                                       bf16=bf16, user_config=user)
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config).to(device)
+    optimizer = scheduler = None
+    if "optimizer" not in ds_config:
+        # torch's AdamW rather than DeepSpeed's: no op to JIT-compile, and identical on CPU and GPU.
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=spec.betas)
+    if "scheduler" not in ds_config and optimizer is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(spec))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def _warmup_cosine(spec: TrainSpec) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        progress = (step - spec.warmup_steps) / max(spec.steps - spec.warmup_steps, 1)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * cosine
+    return factor
+
+
+def _resume(engine, ckpt, rank: int, local_dir: str, job: TrainJob) -> tuple[int, int | None]:
+    """Load the newest checkpoint every rank can verify; (start step, resumed-from step or None)."""
+    candidates = [None]
+    if rank == 0:
+        steps, ignored = committed_steps(ckpt)
+        for note in ignored:
+            job.report({"warning": f"ignoring checkpoint {note}"})
+        candidates = [steps]
+    dist.broadcast_object_list(candidates, src=0)
+    for step in candidates[0]:
+        fetched = fetch_for_rank(ckpt, step, rank, local_dir)
+        ok = torch.tensor(int(fetched is not None and fetched[1].get("config_hash") == job.config_hash))
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item():
+            engine.load_checkpoint(fetched[0], tag=step_key(step))
+            return step, step
+        if rank == 0:
+            job.report({"warning": f"ignoring checkpoint {step_key(step)}: a file is missing or corrupt"})
+    return 0, None
+
+
+def _fetch_tokenizer(data_uri: str, local_dir: str) -> str:
+    target = os.path.join(local_dir, "tokenizer")
+    open_storage(data_uri).download_prefix("tokenizer", target)
+    return target
+
+
+def _pad_id(tokenizer_dir: str) -> int | None:
+    with open(os.path.join(tokenizer_dir, "info.json")) as f:
+        return json.load(f).get("pad_id")
+
+
+def _checkpoint_extras(config, tokenizer_dir: str, local_dir: str) -> dict[str, str]:
+    """The model config and the tokenizer ride along in every checkpoint: it exports on its own."""
+    path = os.path.join(local_dir, "config.json")
+    config.to_json_file(path)
+    extras = {"hf/config.json": path}
+    for name in os.listdir(tokenizer_dir):
+        extras[f"hf/{name}"] = os.path.join(tokenizer_dir, name)
+    return extras
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None  # no stated peak for CPUs: MFU is left out rather than guessed
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def _float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def main(argv: list[str]) -> int:
+    """`torchrun --nproc_per_node N -m jobs.train JOB.json`: the same loop without Ray."""
+    with open(argv[0]) as f:
+        raw = json.load(f)
+    job = TrainJob(spec=TrainSpec.model_validate(raw["spec"]), data_uri=raw["data_uri"], out_uri=raw["out_uri"],
+                   config_hash=raw.get("config_hash", "torchrun"))
+    metrics = train(job)
+    if dist.get_rank() == 0:
+        print(json.dumps(metrics))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,53 @@
+"""The training stages' shared settings: a light module (pydantic only), so that validating a
+pipeline file never imports torch or DeepSpeed."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.model import ModelSpec
+
+
+class TrainSpec(BaseModel):
+    """How a model trains; shared by pretraining and fine-tuning stages."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelSpec = ModelSpec()
+    """The model's shape."""
+    steps: int = Field(1000, ge=1)
+    """Optimizer steps in all."""
+    micro_batch: int = Field(4, ge=1)
+    """Sequences per worker per forward pass."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro batches per optimizer step."""
+    lr: float = Field(3e-4, gt=0)
+    """Peak learning rate."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """The cosine schedule ends at lr x this."""
+    warmup_steps: int = Field(100, ge=0)
+    """Linear warmup from 0 to lr."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay (not applied to norms and biases)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Gradient-norm clipping."""
+    zero_stage: Literal[1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPUs, fp32 on CPUs."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Steps between checkpoints (the last step always checkpoints)."""
+    keep_last: int = Field(2, ge=1)
+    """Checkpoints kept, newest first..."""
+    keep_every: int = Field(0, ge=0)
+    """...plus every checkpoint whose step is a multiple of this (0: none)."""
+    seed: int = 0
+    """Seeds the weights and the data order."""
+    log_every: int = Field(10, ge=1)
+    """Steps between progress reports."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON file merged over the generated config; its "auto" values come from here."""
