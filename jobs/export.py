@@ -53,3 +53,27 @@ def state_dict_from_checkpoint(local_dir: str, tag: str) -> dict:
 
     state = get_fp32_state_dict_from_zero_checkpoint(local_dir, tag=tag)
     return {k: v.float() for k, v in state.items()}
+
+
+def export_checkpoint(step_dir, out_dir: str) -> None:
+    """Export a committed checkpoint (`.../ckpt/step-<N>`, a Storage) to a Hugging Face directory.
+
+    The checkpoint carries its model config and tokenizer under `hf/`, so nothing else is needed.
+    """
+    import tempfile
+
+    from transformers import LlamaConfig
+
+    from jobs.checkpoint import COMMIT
+    from jobs.commit import read_commit, verify_commit
+
+    problems = verify_commit(step_dir, COMMIT)
+    if problems:
+        raise ValueError(f"{step_dir.uri} is not a committed checkpoint: {problems[0]}")
+    tag = step_dir.uri.rstrip("/").rsplit("/", 1)[-1]
+    with tempfile.TemporaryDirectory(prefix="orchestrator-export-") as tmp:
+        for name in read_commit(step_dir, COMMIT)["files"]:
+            step_dir.download_file(name, os.path.join(tmp, tag, name))
+        hf_files = os.path.join(tmp, tag, "hf")
+        config = LlamaConfig.from_json_file(os.path.join(hf_files, "config.json"))
+        save_hf(state_dict_from_checkpoint(tmp, tag), config, hf_files, out_dir)

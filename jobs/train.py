@@ -42,12 +42,13 @@ class TrainJob:
     out_uri: str  # the training stage's output: ckpt/, hf/, tb/
     config_hash: str  # the stage hash: a checkpoint is only resumed by the same configuration
     cache_dir: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "orchestrator-cache"))
-    report: Callable[[dict], None] = print
+    report: Callable[[dict], None] | None = None  # rank 0's metrics; printed when not given
     on_start: Callable[[int | None], None] | None = None  # called once resumed: (step resumed from or None)
 
 
 def train(job: TrainJob) -> dict:
     spec = job.spec
+    report = job.report or (lambda metrics: print(json.dumps(metrics), flush=True))
     if not dist.is_initialized():
         import deepspeed
 
@@ -63,7 +64,7 @@ def train(job: TrainJob) -> dict:
     engine = _engine(spec, config, world, bf16, device)
     ckpt = open_storage(job.out_uri).sub("ckpt")
 
-    start_step, resumed_from = _resume(engine, ckpt, rank, local_dir, job)
+    start_step, resumed_from = _resume(engine, ckpt, rank, local_dir, job.config_hash, report)
     if job.on_start:
         job.on_start(resumed_from)
     tensorboard = _tensorboard(local_dir) if rank == 0 else None
@@ -74,6 +75,7 @@ def train(job: TrainJob) -> dict:
     peak = (_peak_flops(device) or 0.0) * world
     tokens_per_step = order.global_batch * data.seq_len
     metrics: dict = {"resumed_from": resumed_from}
+    history: list[list[float]] = []  # [step, loss] at each report: the loss curve in the run record
     window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64)
 
     for step in range(start_step, spec.steps):
@@ -102,8 +104,9 @@ def train(job: TrainJob) -> dict:
                 tokens_per_s=tokens_per_s,
                 mfu=tokens_per_s * flops / peak if peak else None,
             )
+            history.append([done, metrics["loss"]])
             if rank == 0:
-                job.report(dict(metrics))
+                report(dict(metrics))
                 for name in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
                     if metrics[name] is not None:
                         tensorboard.add_scalar(f"train/{name}", metrics[name], done)
@@ -111,11 +114,14 @@ def train(job: TrainJob) -> dict:
 
     writer.wait()  # the last checkpoint is committed before the export says "done"
     state = gather_state_dict(engine, spec.zero_stage, rank)
+    probe = torch.from_numpy(micro_batch_tokens(data, order.indices(0, 0, rank))).to(device)
+    engine_logits = _logits(engine, probe)  # collective under ZeRO-3: every rank runs it
     if rank == 0:
         tensorboard.close()
         out = open_storage(job.out_uri)
         hf_dir = os.path.join(local_dir, "hf")
         save_hf(state, config, tokenizer_dir, hf_dir)
+        metrics["export_max_logit_diff"] = _check_export(hf_dir, probe.cpu(), engine_logits, bf16)
         files = {}
         for prefix, directory in (("hf", hf_dir), ("tb", tensorboard.logdir)):
             for key in out.upload_dir(directory, prefix):
@@ -123,9 +129,32 @@ def train(job: TrainJob) -> dict:
                 files[key] = (entry.size, entry.sha256)
         metrics["files"] = files
         metrics["final_loss"] = metrics.get("loss")
+        metrics["loss_history"] = history
         metrics["last_checkpoint"] = ckpt.url(step_key(spec.steps))
     dist.barrier()
     return metrics
+
+
+def _logits(engine, tokens: torch.Tensor) -> torch.Tensor:
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(input_ids=tokens).logits.float().cpu()
+    engine.train()
+    return logits
+
+
+def _check_export(hf_dir: str, tokens: torch.Tensor, engine_logits: torch.Tensor, bf16: bool) -> float:
+    """Reload the export as a user would and compare its logits with the engine's on one batch:
+    an export that does not reproduce the trained model must not be committed."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        diff = (model(input_ids=tokens).logits - engine_logits).abs().max().item()
+    tolerance = 0.25 if bf16 else 1e-3  # the engine computes in bf16, the check in fp32
+    if not diff <= tolerance:
+        raise RuntimeError(f"the exported model's logits differ from the engine's by {diff:.3g} (> {tolerance})")
+    return diff
 
 
 def _tensorboard(local_dir: str):
@@ -175,24 +204,25 @@ def _warmup_cosine(spec: TrainSpec) -> Callable[[int], float]:
     return factor
 
 
-def _resume(engine, ckpt, rank: int, local_dir: str, job: TrainJob) -> tuple[int, int | None]:
+def _resume(engine, ckpt, rank: int, local_dir: str, config_hash: str,
+            report: Callable[[dict], None]) -> tuple[int, int | None]:
     """Load the newest checkpoint every rank can verify; (start step, resumed-from step or None)."""
     candidates = [None]
     if rank == 0:
         steps, ignored = committed_steps(ckpt)
         for note in ignored:
-            job.report({"warning": f"ignoring checkpoint {note}"})
+            report({"warning": f"ignoring checkpoint {note}"})
         candidates = [steps]
     dist.broadcast_object_list(candidates, src=0)
     for step in candidates[0]:
         fetched = fetch_for_rank(ckpt, step, rank, local_dir)
-        ok = torch.tensor(int(fetched is not None and fetched[1].get("config_hash") == job.config_hash))
+        ok = torch.tensor(int(fetched is not None and fetched[1].get("config_hash") == config_hash))
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item():
             engine.load_checkpoint(fetched[0], tag=step_key(step))
             return step, step
         if rank == 0:
-            job.report({"warning": f"ignoring checkpoint {step_key(step)}: a file is missing or corrupt"})
+            report({"warning": f"ignoring checkpoint {step_key(step)}: a file is missing or corrupt"})
     return 0, None
 
 

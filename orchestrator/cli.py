@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     p.set_defaults(command=_run)
 
+    p = sub.add_parser("export", help="a committed checkpoint, or a run's last one, as a Hugging Face model")
+    p.add_argument("source", metavar="CHECKPOINT_OR_RUN",
+                   help="a checkpoint URI (.../ckpt/step-N), a training stage's output URI, or a run id")
+    p.add_argument("--out", required=True, help="the directory to write (safetensors, config, tokenizer)")
+    p.add_argument("--storage", default="file://./.orchestrator", help="storage root for a run id (default: %(default)s)")
+    p.set_defaults(command=_export)
+
     p = sub.add_parser("runs", help="list the runs kept in storage")
     p.add_argument("--storage", default="file://./.orchestrator", help="storage root (default: %(default)s)")
     p.set_defaults(command=_runs)
@@ -131,6 +138,45 @@ def _status(args) -> int:
     else:
         Console().summary(record)
     return EXIT_OK
+
+
+def _export(args) -> int:
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidating weights needs no GPU
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    from jobs.checkpoint import committed_steps, step_key
+    from jobs.export import export_checkpoint
+
+    source = args.source
+    if "://" not in source and not os.path.exists(source):
+        source = _last_checkpoint_of_run(args.storage, source)
+    storage = _storage(None, source)
+    if not storage.exists("COMMIT.json"):  # a training stage's directory: its newest checkpoint
+        steps, _ = committed_steps(storage.sub("ckpt"))
+        if not steps:
+            raise UserError(f"{source}: neither a committed checkpoint nor a training stage with one")
+        storage = storage.sub(f"ckpt/{step_key(steps[0])}")
+    try:
+        export_checkpoint(storage, args.out)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"exported {storage.uri} -> {os.path.abspath(args.out)}")
+    return EXIT_OK
+
+
+def _last_checkpoint_of_run(storage_uri: str, run_id: str) -> str:
+    from orchestrator.records import load_record
+
+    record = load_record(_storage(None, storage_uri), run_id)
+    if record is None:
+        raise UserError(f"{run_id!r} is neither a checkpoint URI nor a run in {storage_uri} (see `orchestrator runs`)")
+    trained = [s for s in record.stages.values() if s.metrics.get("last_checkpoint")]
+    if not trained:
+        raise UserError(f"run {run_id} has no training stage with a committed checkpoint")
+    return trained[-1].metrics["last_checkpoint"]
 
 
 def _log_to_file(run_id: str) -> str:

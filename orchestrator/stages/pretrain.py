@@ -59,7 +59,8 @@ def run(ctx: StageContext) -> StageOutput:
         raise outcome["error"]
     if final is None:
         raise RuntimeError(f"stage {ctx.name}: training ended without a final report")
-    metrics = {k: final["metrics"].get(k) for k in ("final_loss", "tokens_per_s", "mfu", "last_checkpoint", "resumed_from")}
+    metrics = {k: final["metrics"].get(k) for k in ("final_loss", "tokens_per_s", "mfu", "last_checkpoint", "resumed_from",
+                                                      "loss_history", "export_max_logit_diff")}
     metrics["restarts"] = max(starts - 1, 0)
     files = {k: FileEntry(size, sha) for k, (size, sha) in final["files"].items()}
     return StageOutput(files, metrics, attempts=max(starts, 1))
