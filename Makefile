@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	# DeepSpeed's setup.py imports torch: build it against the torch installed above.
 	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.19,<0.20"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	@echo "building DeepSpeed's CPU communication op (once per machine, about 2 minutes; cached in ~/.cache)"
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" > /dev/null
 	touch $(STAMP)
 
 demo: $(STAMP)

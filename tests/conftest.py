@@ -54,3 +54,25 @@ def s3_fault_proxy(s3_server):
         yield proxy
     finally:
         proxy.stop()
+
+
+# --- Ray: an embedded instance per test ------------------------------------------------------
+
+@pytest.fixture
+def start_ray(monkeypatch):
+    """`start_ray(**env)` (re)starts an embedded 2-CPU Ray whose workers see `env`: workers
+    inherit the environment of the moment Ray starts, so fault injection and endpoints that a
+    test changes need a restart. Ray is shut down after the test."""
+    import ray
+
+    from orchestrator.ray_runtime import WORKER_ENV
+
+    def start(**env):
+        ray.shutdown()
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 runtime_env={"env_vars": WORKER_ENV})
+
+    yield start
+    ray.shutdown()

@@ -12,13 +12,11 @@ import os
 import boto3
 import numpy as np
 import pytest
-import ray
 
 from corpus import BAD_LINES, make_corpus
 from jobs.storage import open_storage
 from jobs.text import NormalizeSpec, normalize
 from orchestrator.console import Console
-from orchestrator.ray_runtime import WORKER_ENV
 from orchestrator.records import load_record
 from orchestrator.runner import run_pipeline
 from orchestrator.spec import parse_spec
@@ -26,21 +24,6 @@ from orchestrator.spec import parse_spec
 pytestmark = pytest.mark.local
 
 SEQ_LEN = 64
-
-
-def start_ray(monkeypatch, **env):
-    """Ray workers inherit the environment of the moment Ray starts: restart Ray with `env`."""
-    ray.shutdown()
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             runtime_env={"env_vars": WORKER_ENV})
-
-
-@pytest.fixture(autouse=True)
-def _stop_ray():
-    yield
-    ray.shutdown()
 
 
 def pipeline(source: str, storage: str, **preprocess) -> str:
@@ -74,13 +57,13 @@ def local_corpus(tmp_path_factory):
     return make_corpus(str(tmp_path_factory.mktemp("corpus")))
 
 
-def test_s3_corpus_into_s3(monkeypatch, s3_bucket, local_corpus, tmp_path):
+def test_s3_corpus_into_s3(start_ray, s3_bucket, local_corpus, tmp_path):
     corpus = local_corpus
     bucket = s3_bucket.removeprefix("s3://")
     client = boto3.client("s3")
     for path in corpus.files:
         client.upload_file(path, bucket, f"raw/{os.path.basename(path)}")
-    start_ray(monkeypatch)
+    start_ray()
     record, storage = run(pipeline(f"{s3_bucket}/raw/*.jsonl", f"{s3_bucket}/out"))
     assert record.status == "succeeded"
     out = open_storage(record.stages["corpus"].output_uri)
@@ -124,9 +107,9 @@ def test_s3_corpus_into_s3(monkeypatch, s3_bucket, local_corpus, tmp_path):
     assert saved.stages["corpus"].output_uri.startswith(f"{s3_bucket}/out/stages/corpus-")
 
 
-def test_finished_stage_reruns_zero_tasks(monkeypatch, local_corpus, tmp_path):
+def test_finished_stage_reruns_zero_tasks(start_ray, local_corpus, tmp_path):
     journal = tmp_path / "journal"
-    start_ray(monkeypatch, ORCHESTRATOR_TASK_JOURNAL=str(journal))
+    start_ray(ORCHESTRATOR_TASK_JOURNAL=str(journal))
     spec = pipeline(local_corpus.glob, f"file://{tmp_path}/out")
     first, _ = run(spec)
     executed = journal.read_text().split("\n")
@@ -138,13 +121,13 @@ def test_finished_stage_reruns_zero_tasks(monkeypatch, local_corpus, tmp_path):
     assert second.stages["corpus"].metrics == first.stages["corpus"].metrics
 
 
-def test_worker_killed_mid_shard_gives_identical_output(monkeypatch, local_corpus, tmp_path):
-    start_ray(monkeypatch)
+def test_worker_killed_mid_shard_gives_identical_output(start_ray, local_corpus, tmp_path):
+    start_ray()
     baseline, storage = run(pipeline(local_corpus.glob, f"file://{tmp_path}/clean"))
 
     crashes = tmp_path / "crashes"
     journal = tmp_path / "journal"
-    start_ray(monkeypatch, ORCHESTRATOR_CRASH_AT="encode:2", ORCHESTRATOR_CRASH_ONCE_DIR=str(crashes),
+    start_ray(ORCHESTRATOR_CRASH_AT="encode:2", ORCHESTRATOR_CRASH_ONCE_DIR=str(crashes),
               ORCHESTRATOR_TASK_JOURNAL=str(journal))
     crashed, _ = run(pipeline(local_corpus.glob, f"file://{tmp_path}/crashed"))
     assert (crashes / "crashed-encode-2").exists()  # the worker really died mid-shard
@@ -153,9 +136,9 @@ def test_worker_killed_mid_shard_gives_identical_output(monkeypatch, local_corpu
     assert stage_files(storage, crashed) == stage_files(storage, baseline)
 
 
-def test_failed_run_resumes_only_unfinished_shards(monkeypatch, local_corpus, tmp_path):
+def test_failed_run_resumes_only_unfinished_shards(start_ray, monkeypatch, local_corpus, tmp_path):
     journal = tmp_path / "journal"
-    start_ray(monkeypatch, ORCHESTRATOR_CRASH_AT="encode:1", ORCHESTRATOR_TASK_JOURNAL=str(journal))
+    start_ray(ORCHESTRATOR_CRASH_AT="encode:1", ORCHESTRATOR_TASK_JOURNAL=str(journal))
     spec = pipeline(local_corpus.glob, f"file://{tmp_path}/out")
     with pytest.raises(Exception):
         run(spec, run_id="resume-me")  # shard 1 dies on every retry: the stage fails
@@ -167,7 +150,7 @@ def test_failed_run_resumes_only_unfinished_shards(monkeypatch, local_corpus, tm
     done_before = {line for line in journal.read_text().split("\n") if line.startswith("encode")} - {"encode 1"}
     journal.write_text("")
     monkeypatch.delenv("ORCHESTRATOR_CRASH_AT")
-    start_ray(monkeypatch, ORCHESTRATOR_TASK_JOURNAL=str(journal))
+    start_ray(ORCHESTRATOR_TASK_JOURNAL=str(journal))
     resumed, _ = run(spec, run_id="resume-me")
     assert resumed.status == "succeeded" and resumed.attempts == 2
     assert resumed.stages["corpus"].attempts == 2 and resumed.stages["tok"].cached
@@ -176,12 +159,13 @@ def test_failed_run_resumes_only_unfinished_shards(monkeypatch, local_corpus, tm
     assert not any(line.startswith("scan") for line in rerun)  # nor were the committed scans
 
 
-def test_s3_faults_are_retried_and_nothing_is_lost(monkeypatch, s3_bucket, s3_fault_proxy, local_corpus, tmp_path):
-    start_ray(monkeypatch)
+def test_s3_faults_are_retried_and_nothing_is_lost(start_ray, s3_bucket, s3_fault_proxy, local_corpus,
+                                                  tmp_path):
+    start_ray()
     baseline, storage = run(pipeline(local_corpus.glob, f"file://{tmp_path}/baseline"))
 
     s3_fault_proxy.fail_rate = 0.2
-    start_ray(monkeypatch, AWS_ENDPOINT_URL=s3_fault_proxy.url)
+    start_ray(AWS_ENDPOINT_URL=s3_fault_proxy.url)
     faulty, _ = run(pipeline(local_corpus.glob, f"{s3_bucket}/through-proxy"))
     assert faulty.status == "succeeded"
     assert s3_fault_proxy.num_slowdowns > 0 and s3_fault_proxy.num_resets > 0

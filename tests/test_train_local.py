@@ -11,7 +11,6 @@ import json
 import os
 
 import pytest
-import ray
 import torch
 
 from jobs.checkpoint import committed_steps, step_key
@@ -20,7 +19,6 @@ from jobs.storage import open_storage
 from orchestrator.cli import main as cli
 from orchestrator.console import Console
 from orchestrator.errors import UserError
-from orchestrator.ray_runtime import WORKER_ENV
 from orchestrator.records import load_record
 from orchestrator.runner import run_pipeline
 from orchestrator.spec import parse_spec
@@ -28,20 +26,6 @@ from orchestrator.spec import parse_spec
 pytestmark = pytest.mark.local
 
 STEPS, EVERY = 12, 4
-
-
-def start_ray(monkeypatch, **env):
-    ray.shutdown()
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             runtime_env={"env_vars": WORKER_ENV})
-
-
-@pytest.fixture(autouse=True)
-def _stop_ray():
-    yield
-    ray.shutdown()
 
 
 def pipeline(storage: str, **train) -> str:
@@ -73,8 +57,8 @@ def load_file_from(storage, key: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_zero_stage_trains_and_commits_checkpoints_to_s3(monkeypatch, s3_bucket, zero_stage):
-    start_ray(monkeypatch)
+def test_zero_stage_trains_and_commits_checkpoints_to_s3(start_ray, s3_bucket, zero_stage):
+    start_ray()
     record = run(pipeline(f"{s3_bucket}/p", zero_stage=zero_stage))
     stage = record.stages["pretrain"]
     assert record.status == "succeeded" and stage.status == "succeeded"
@@ -98,10 +82,10 @@ def test_zero_stage_trains_and_commits_checkpoints_to_s3(monkeypatch, s3_bucket,
     assert stage.metrics["last_checkpoint"] == ckpt.url(step_key(12))
 
 
-def test_export_reproduces_the_trained_model(monkeypatch, tmp_path):
+def test_export_reproduces_the_trained_model(start_ray, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    start_ray(monkeypatch)
+    start_ray()
     record = run(pipeline(f"file://{tmp_path}/store", zero_stage=3))
     stage_dir = open_storage(record.stages["pretrain"].output_uri)
     stage_dir.download_prefix("hf", str(tmp_path / "hf"))
@@ -116,10 +100,10 @@ def test_export_reproduces_the_trained_model(monkeypatch, tmp_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path / "cli")).eos_token == "<|endoftext|>"
 
 
-def test_worker_crash_resumes_to_identical_weights(monkeypatch, tmp_path):
-    start_ray(monkeypatch)
+def test_worker_crash_resumes_to_identical_weights(start_ray, tmp_path):
+    start_ray()
     baseline = run(pipeline(f"file://{tmp_path}/baseline"))
-    start_ray(monkeypatch, ORCHESTRATOR_CRASH_AT="train:11", ORCHESTRATOR_CRASH_ONCE_DIR=str(tmp_path / "once"))
+    start_ray(ORCHESTRATOR_CRASH_AT="train:11", ORCHESTRATOR_CRASH_ONCE_DIR=str(tmp_path / "once"))
     crashed = run(pipeline(f"file://{tmp_path}/crashed"))
     stage = crashed.stages["pretrain"]
     assert os.path.exists(tmp_path / "once" / "crashed-train-11")  # a worker really died at step 11
@@ -131,9 +115,9 @@ def test_worker_crash_resumes_to_identical_weights(monkeypatch, tmp_path):
         assert torch.equal(expected[name], actual[name]), name
 
 
-def test_torn_checkpoint_is_skipped_and_the_driver_resumes(monkeypatch, tmp_path):
+def test_torn_checkpoint_is_skipped_and_the_driver_resumes(start_ray, monkeypatch, tmp_path):
     storage = f"file://{tmp_path}/store"
-    start_ray(monkeypatch, ORCHESTRATOR_CRASH_AT="train:11")  # every attempt dies: the stage fails
+    start_ray(ORCHESTRATOR_CRASH_AT="train:11")  # every attempt dies: the stage fails
     with pytest.raises(Exception):
         run(pipeline(storage, max_failures=0), run_id="torn")
     failed = load_record(open_storage(storage), "torn")
@@ -147,7 +131,7 @@ def test_torn_checkpoint_is_skipped_and_the_driver_resumes(monkeypatch, tmp_path
     ckpt.write_bytes(victim, bytes(data))
 
     monkeypatch.delenv("ORCHESTRATOR_CRASH_AT")
-    start_ray(monkeypatch)
+    start_ray()
     resumed = run(pipeline(storage, max_failures=0), run_id="torn")
     stage = resumed.stages["pretrain"]
     assert resumed.status == "succeeded" and resumed.attempts == 2
@@ -155,7 +139,7 @@ def test_torn_checkpoint_is_skipped_and_the_driver_resumes(monkeypatch, tmp_path
     assert resumed.stages["corpus"].cached and resumed.stages["tok"].cached
 
 
-def test_more_workers_than_the_cluster_holds_fails_before_training(monkeypatch, tmp_path):
-    start_ray(monkeypatch)
+def test_more_workers_than_the_cluster_holds_fails_before_training(start_ray, tmp_path):
+    start_ray()
     with pytest.raises(UserError, match=r"stages.pretrain: 2 workers need 2 GPU in all, but the cluster has 0"):
         run(pipeline(f"file://{tmp_path}/store", use_gpu=True))
