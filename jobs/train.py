@@ -90,7 +90,7 @@ def train(job: TrainJob) -> dict:
         if done % spec.checkpoint_every == 0 or done == spec.steps:
             meta = {"data_position": done * order.global_batch, "seed": spec.seed, "config_hash": job.config_hash,
                     "world_size": world, "zero_stage": spec.zero_stage}
-            writer.save(engine, done, {"step": done}, meta, extras)
+            writer.save(engine, done, {"step": done, "rng": _rng_state()}, meta, extras)
         if done % spec.log_every == 0 or done == spec.steps:
             dist.all_reduce(window_loss)
             elapsed = time.perf_counter() - window_start
@@ -218,11 +218,26 @@ def _resume(engine, ckpt, rank: int, local_dir: str, config_hash: str,
         ok = torch.tensor(int(fetched is not None and fetched[1].get("config_hash") == config_hash))
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item():
-            engine.load_checkpoint(fetched[0], tag=step_key(step))
+            _, client_state = engine.load_checkpoint(fetched[0], tag=step_key(step))
+            _set_rng_state(client_state["rng"])
             return step, step
         if rank == 0:
             report({"warning": f"ignoring checkpoint {step_key(step)}: a file is missing or corrupt"})
     return 0, None
+
+
+def _rng_state() -> dict:
+    """Every random stream a step may draw from (dropout, sampling), saved with each checkpoint."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _fetch_tokenizer(data_uri: str, local_dir: str) -> str:
