@@ -96,7 +96,8 @@ class CheckpointWriter:
         for m in markers:
             for name, e in json.loads(step_dir.read_bytes(m)).items():
                 entries[name] = FileEntry(e["size"], e["sha256"])
-        write_commit(step_dir, COMMIT, entries, {"step": step, **meta})
+        if not write_commit(step_dir, COMMIT, entries, {"step": step, **meta}):
+            raise RuntimeError(f"{step_dir.url(COMMIT)} exists already: an earlier attempt's step was not discarded")
 
 
 def _local_files(directory: str) -> dict[str, str]:
@@ -146,6 +147,19 @@ def fetch_for_rank(ckpt: Storage, step: int, rank: int, local_dir: str) -> tuple
 def _needed_by(name: str, rank: int) -> bool:
     match = re.search(r"zero_pp_rank_(\d+)_", name)
     return match is None or int(match.group(1)) == rank
+
+
+def discard_after(ckpt: Storage, step: int) -> list[int]:
+    """Delete every checkpoint directory past `step` and every uncommitted one: what a resumed run
+    will write again. Left in place, an old commit (create-only) or an earlier attempt's rank
+    markers would be mistaken for the new attempt's."""
+    steps = sorted({int(m.group(1)) for o in ckpt.list("step-") if (m := _STEP_DIR.match(o.key))})
+    committed, _ = committed_steps(ckpt)
+    doomed = [s for s in steps if s > step or s not in committed]
+    for doomed_step in doomed:
+        ckpt.sub(step_key(doomed_step)).delete(COMMIT)
+        ckpt.delete_prefix(step_key(doomed_step) + "/")
+    return doomed
 
 
 def apply_retention(ckpt: Storage, keep_last: int, keep_every: int) -> list[int]:

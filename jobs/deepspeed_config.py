@@ -31,6 +31,11 @@ def build_deepspeed_config(*, zero_stage: int, micro_batch: int, grad_accum: int
         if merged[key] != ours[key]:
             raise ValueError(f"deepspeed_config sets {key}={merged[key]}, but the stage gives {ours[key]} "
                              f"(micro_batch x grad_accum x workers); set it to \"auto\" or change the stage")
+    # The loop relies on these two (gathering weights for export, the checkpoint's meta).
+    for section, key, field in (("zero_optimization", "stage", "zero_stage"), ("bf16", "enabled", "precision")):
+        if merged[section].get(key) != ours[section][key]:
+            raise ValueError(f"deepspeed_config sets {section}.{key}={merged[section].get(key)}, but the stage gives "
+                             f"{ours[section][key]}; set the stage's {field} instead")
     return merged
 
 
@@ -53,8 +58,8 @@ def _merge(ours: dict, theirs: dict) -> dict:
         if value == "auto":
             if key not in ours:
                 raise ValueError(f"deepspeed_config: {key!r} is \"auto\" but the stage has no value for it")
-        elif isinstance(value, dict) and isinstance(ours.get(key), dict):
-            merged[key] = _merge(ours[key], value)
+        elif isinstance(value, dict):  # recurse even into sections we do not generate: "auto" there is an error
+            merged[key] = _merge(ours.get(key) if isinstance(ours.get(key), dict) else {}, value)
         else:
             merged[key] = value
     return merged

@@ -52,6 +52,9 @@ class ModelSpec(BaseModel):
             raise ValueError(f"without a preset, give {', '.join(missing)}")
         if dims["hidden_size"] % dims["num_heads"]:
             raise ValueError(f"hidden_size {dims['hidden_size']} does not divide by num_heads {dims['num_heads']}")
+        if (dims["hidden_size"] // dims["num_heads"]) % 2:
+            raise ValueError(f"the head dimension hidden_size / num_heads = {dims['hidden_size'] // dims['num_heads']} "
+                             "must be even (rotary embeddings rotate pairs of dimensions)")
         if dims["num_heads"] % dims["num_kv_heads"]:
             raise ValueError(f"num_heads {dims['num_heads']} does not divide by num_kv_heads {dims['num_kv_heads']}")
         return self

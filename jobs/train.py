@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from jobs.checkpoint import CheckpointWriter, committed_steps, fetch_for_rank, step_key
+from jobs.checkpoint import CheckpointWriter, committed_steps, discard_after, fetch_for_rank, step_key
 from jobs.commit import file_entry
 from jobs.data import BatchOrder, PackedTokens, micro_batch_tokens
 from jobs.deepspeed_config import build_deepspeed_config, load_user_config
@@ -213,6 +213,7 @@ def _resume(engine, ckpt, rank: int, local_dir: str, config_hash: str,
             report({"warning": f"ignoring checkpoint {note}"})
         candidates = [steps]
     dist.broadcast_object_list(candidates, src=0)
+    start = None
     for step in candidates[0]:
         fetched = fetch_for_rank(ckpt, step, rank, local_dir)
         ok = torch.tensor(int(fetched is not None and fetched[1].get("config_hash") == config_hash))
@@ -220,10 +221,14 @@ def _resume(engine, ckpt, rank: int, local_dir: str, config_hash: str,
         if ok.item():
             _, client_state = engine.load_checkpoint(fetched[0], tag=step_key(step))
             _set_rng_state(client_state["rng"])
-            return step, step
+            start = step
+            break
         if rank == 0:
             report({"warning": f"ignoring checkpoint {step_key(step)}: a file is missing or corrupt"})
-    return 0, None
+    if rank == 0:
+        discard_after(ckpt, start or 0)  # the steps this run will write again
+    dist.barrier()
+    return (start, start) if start is not None else (0, None)
 
 
 def _rng_state() -> dict:

@@ -201,18 +201,29 @@ def parse_spec(text: str, source: str = "<pipeline>") -> PipelineSpec:
     except ValidationError as e:
         problems = [_describe(err) for err in e.errors()] + problems
         spec = None
-    if spec is not None:
-        problems += _cross_stage_problems(spec)
+    problems += _cross_stage_problems(spec.stages if spec else _valid_stages(raw.get("stages")))
     if problems:
         raise SpecError(source, problems)
     return spec
 
 
-def _cross_stage_problems(spec: PipelineSpec) -> list[str]:
+def _valid_stages(stages) -> dict[str, BaseModel]:
+    """The stages that validate on their own, when the file as a whole does not."""
+    valid = {}
+    for name, raw in (stages.items() if isinstance(stages, dict) else ()):
+        model = KINDS.get(raw.get("kind")) if isinstance(raw, dict) else None
+        try:
+            valid[name] = model.model_validate(raw) if model else None
+        except ValidationError:
+            continue
+    return {name: stage for name, stage in valid.items() if stage is not None}
+
+
+def _cross_stage_problems(stages: dict[str, BaseModel]) -> list[str]:
     """Checks that need two stages at once, so that they fail at validate, before any GPU time."""
     problems = []
-    for name, stage in spec.stages.items():
-        data = spec.stages.get(getattr(stage, "data", None) or "")
+    for name, stage in stages.items():
+        data = stages.get(getattr(stage, "data", None) or "")
         if isinstance(stage, PretrainStage) and isinstance(data, PreprocessStage):
             if data.seq_len > stage.model.max_position_embeddings:
                 problems.append(f"stages.{name}.model.max_position_embeddings: {stage.model.max_position_embeddings} is "

@@ -317,3 +317,110 @@ def test_cli_validate_invalid_file_exits_2_and_prints_every_problem(tmp_path, ca
 def test_cli_validate_missing_file_exits_2(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
     assert "cannot read the pipeline file" in capsys.readouterr().err
+
+
+# --- the pretrain stage ---------------------------------------------------------------------
+
+TRAIN = {"kind": "pretrain", "data": "corpus", "model": {"preset": "tiny"}, "steps": 20, "micro_batch": 4,
+         "num_workers": 2}
+
+
+def test_pretrain_stage_on_a_preprocess_stage_validates():
+    spec = parse_spec(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS, train=TRAIN)))
+    train = spec.stages["train"]
+    assert train.kind == "pretrain" and train.data == "corpus"
+    assert (train.steps, train.micro_batch, train.num_workers, train.grad_accum) == (20, 4, 2, 1)
+    assert train.zero_stage == 2 and train.model.dims()["hidden_size"] == 64
+    assert spec.upstream("train") == {"data": "corpus"}
+    assert spec.topological_order() == ["tok", "corpus", "train"]
+
+
+def test_pretrain_zero_stage_must_be_1_2_or_3():
+    problems = _problems(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS, train={**TRAIN, "zero_stage": 4})))
+    assert len(problems) == 1, problems
+    zero = _one_problem_starting(problems, "stages.train.zero_stage")
+    assert "1, 2 or 3" in zero and "(got 4)" in zero
+
+
+def test_pretrain_global_batch_must_divide_by_micro_batch_times_workers():
+    problems = _problems(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS, train={**TRAIN, "global_batch": 12})))
+    assert len(problems) == 1, problems
+    message = _one_problem_starting(problems, "stages.train")
+    assert "global_batch 12 does not divide by micro_batch 4 x num_workers 2 = 8" in message
+    assert "use a multiple of 8" in message
+
+
+def test_pretrain_global_batch_sets_grad_accum():
+    spec = parse_spec(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS, train={**TRAIN, "global_batch": 32})))
+    assert spec.stages["train"].grad_accum == 4
+    # giving both is fine when they agree
+    spec = parse_spec(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS,
+                                            train={**TRAIN, "global_batch": 32, "grad_accum": 4})))
+    assert spec.stages["train"].grad_accum == 4
+
+
+def test_pretrain_grad_accum_contradicting_global_batch_is_an_error():
+    problems = _problems(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS,
+                                               train={**TRAIN, "global_batch": 32, "grad_accum": 3})))
+    assert len(problems) == 1, problems
+    message = _one_problem_starting(problems, "stages.train")
+    assert "grad_accum 3 contradicts global_batch 32" in message and "(= 4 x 8)" in message
+
+
+def test_preprocess_seq_len_longer_than_the_models_positions_is_reported_at_validate(tmp_path, capsys):
+    text = yaml.safe_dump(_valid(tok=TOK, corpus={**CORPUS, "seq_len": 4096},
+                                 train={**TRAIN, "model": {"preset": "tiny", "max_position_embeddings": 2048}}))
+    problems = _problems(text)
+    assert len(problems) == 1, problems
+    message = _one_problem_starting(problems, "stages.train.model.max_position_embeddings")
+    assert "2048" in message and "stages.corpus.seq_len 4096" in message
+    path = tmp_path / "long.yaml"
+    path.write_text(text)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "stages.train.model.max_position_embeddings" in err and "stages.corpus.seq_len" in err
+    # equal is fine
+    parse_spec(yaml.safe_dump(_valid(tok=TOK, corpus={**CORPUS, "seq_len": 2048}, train=TRAIN)))
+
+
+def test_seq_len_longer_than_the_models_positions_is_reported_with_other_mistakes():
+    problems = _problems(yaml.safe_dump(_valid(tok={**TOK, "vocab_size": 10}, corpus={**CORPUS, "seq_len": 4096},
+                                               train=TRAIN)))
+    _one_problem_starting(problems, "stages.tok.vocab_size")
+    _one_problem_starting(problems, "stages.train.model.max_position_embeddings")
+
+
+def test_pretrain_data_naming_a_tokenizer_stage_is_an_error():
+    problems = _problems(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS, train={**TRAIN, "data": "tok"})))
+    message = _one_problem_starting(problems, "stages.train.data")
+    assert "'tok' is a tokenizer stage" in message and "preprocess stage" in message
+
+
+def test_pretrain_data_naming_a_missing_stage_is_an_error():
+    problems = _problems(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS, train={**TRAIN, "data": "corpsu"})))
+    assert "'corpsu' is not a stage" in _one_problem_starting(problems, "stages.train.data")
+
+
+def test_pretrain_hash_ignores_max_failures_but_not_steps(tmp_path):
+    from jobs.storage import open_storage
+    from orchestrator.plan import make_plan
+
+    source = tmp_path / "data" / "part-0.jsonl"
+    source.parent.mkdir()
+    source.write_text("".join(f'{{"text": "document {i} has a few words"}}\n' for i in range(5)))
+    storage = open_storage("file://" + str(tmp_path / "store"))
+
+    def hashes(corpus_fields: dict | None = None, **train_fields) -> dict[str, str]:
+        src = {"paths": [str(source)], "format": "jsonl", "text_field": "text"}
+        raw = _valid(tok={**TOK, "source": src}, corpus={**CORPUS, "source": src, **(corpus_fields or {})},
+                     train={**TRAIN, **train_fields})
+        return {p.name: p.hash for p in make_plan(parse_spec(yaml.safe_dump(raw)), storage)}
+
+    base = hashes(max_failures=2)
+    assert hashes(max_failures=7)["train"] == base["train"]
+    more_steps = hashes(max_failures=2, steps=21)
+    assert more_steps["train"] != base["train"]
+    assert more_steps["tok"] == base["tok"] and more_steps["corpus"] == base["corpus"]
+    # an upstream change reaches the training stage through the data reference
+    shorter = hashes({"seq_len": 128}, max_failures=2)
+    assert shorter["corpus"] != base["corpus"] and shorter["train"] != base["train"]
