@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from jobs.storage import open_storage
 from orchestrator.cli import main as cli
 from orchestrator.console import Console
 from orchestrator.errors import UserError
+from orchestrator.ray_runtime import WORKER_ENV
 from orchestrator.records import load_record
 from orchestrator.runner import run_pipeline
 from orchestrator.spec import parse_spec
@@ -46,20 +48,30 @@ def run(spec_text: str, run_id: str | None = None):
 
 
 def weights(record) -> dict[str, torch.Tensor]:
-    out = open_storage(record.stages["pretrain"].output_uri)
-    return load_file_from(out, "hf/model.safetensors")
-
-
-def load_file_from(storage, key: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
-    return load(storage.read_bytes(key))
+    return load(open_storage(record.stages["pretrain"].output_uri).read_bytes("hf/model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def trained(s3_server):
+    """One uninterrupted run per ZeRO stage, on S3; later tests compare against them."""
+    import boto3
+    import ray
+
+    bucket = f"train-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": WORKER_ENV})
+    try:
+        yield {zero: run(pipeline(f"s3://{bucket}/p", zero_stage=zero)) for zero in (1, 2, 3)}
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_zero_stage_trains_and_commits_checkpoints_to_s3(start_ray, s3_bucket, zero_stage):
-    start_ray()
-    record = run(pipeline(f"{s3_bucket}/p", zero_stage=zero_stage))
+def test_zero_stage_trains_and_commits_checkpoints_to_s3(trained, zero_stage):
+    record = trained[zero_stage]
     stage = record.stages["pretrain"]
     assert record.status == "succeeded" and stage.status == "succeeded"
     losses = [loss for _, loss in stage.metrics["loss_history"]]
@@ -82,15 +94,14 @@ def test_zero_stage_trains_and_commits_checkpoints_to_s3(start_ray, s3_bucket, z
     assert stage.metrics["last_checkpoint"] == ckpt.url(step_key(12))
 
 
-def test_export_reproduces_the_trained_model(start_ray, tmp_path):
+def test_export_reproduces_the_trained_model(trained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    start_ray()
-    record = run(pipeline(f"file://{tmp_path}/store", zero_stage=3))
+    record = trained[3]
     stage_dir = open_storage(record.stages["pretrain"].output_uri)
     stage_dir.download_prefix("hf", str(tmp_path / "hf"))
     # The CLI consolidates the ZeRO-3 shards of the last checkpoint independently of the engine.
-    assert cli(["export", record.run_id, "--storage", f"file://{tmp_path}/store", "--out", str(tmp_path / "cli")]) == 0
+    assert cli(["export", record.run_id, "--storage", record.storage, "--out", str(tmp_path / "cli")]) == 0
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     batch = tokenizer(["Once upon a time, a little fox", "The sun was warm and"], return_tensors="pt",
                       padding=True).input_ids
@@ -100,9 +111,8 @@ def test_export_reproduces_the_trained_model(start_ray, tmp_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path / "cli")).eos_token == "<|endoftext|>"
 
 
-def test_worker_crash_resumes_to_identical_weights(start_ray, tmp_path):
-    start_ray()
-    baseline = run(pipeline(f"file://{tmp_path}/baseline"))
+def test_worker_crash_resumes_to_identical_weights(trained, start_ray, tmp_path):
+    baseline = trained[2]  # the same pipeline, uninterrupted
     start_ray(ORCHESTRATOR_CRASH_AT="train:11", ORCHESTRATOR_CRASH_ONCE_DIR=str(tmp_path / "once"))
     crashed = run(pipeline(f"file://{tmp_path}/crashed"))
     stage = crashed.stages["pretrain"]
