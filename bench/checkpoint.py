@@ -192,6 +192,17 @@ def measure_stall(engine, config, step, bucket: str, work: str, args) -> dict:
     writer._upload_and_commit = timed_upload_and_commit
     meta = {"data_position": 0, "seed": 0, "config_hash": "bench", "world_size": 1, "zero_stage": 2}
 
+    ds_save_s: list[float] = []  # DeepSpeed's own save_checkpoint inside save(): the rest is the writer's
+    ds_save = engine.save_checkpoint
+
+    def timed_ds_save(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return ds_save(*a, **kw)
+        finally:
+            ds_save_s.append(time.perf_counter() - t)
+
+    engine.save_checkpoint = timed_ds_save  # an instance attribute: removed at the end
     baseline = [step() for _ in range(args.baseline_steps)]  # nothing in flight
     done = 1_000
     rows = []
@@ -202,6 +213,7 @@ def measure_stall(engine, config, step, bucket: str, work: str, args) -> dict:
         t0 = time.perf_counter()
         writer.save(engine, done, {"step": done}, meta, extras)
         stall = time.perf_counter() - t0
+        stall_ds = ds_save_s[-1]
         during = []
         while writer._upload is not None and writer._upload.is_alive():  # noqa: SLF001 (bench)
             during.append(step())
@@ -218,7 +230,8 @@ def measure_stall(engine, config, step, bucket: str, work: str, args) -> dict:
         upload_cpu = process_cpu() - c0  # the main thread only waits: the upload's CPU, client + moto
         base = median(baseline)
         others = LoadMeter.others(load0, LoadMeter.sample())
-        rows.append({"others_cores": others, "stall_s": stall, "sync_s": sync, "sync_local_save_s": sync_local,
+        rows.append({"others_cores": others, "stall_s": stall, "stall_deepspeed_s": stall_ds,
+                     "sync_deepspeed_s": ds_save_s[-1], "sync_s": sync, "sync_local_save_s": sync_local,
                      "upload_window_s": window, "steps_during_upload": len(during),
                      "step_s_during_upload": median(during), "upload_process_cpu_s": upload_cpu,
                      "writer_thread_cpu_s": thread_cpu[-1],
@@ -228,6 +241,7 @@ def measure_stall(engine, config, step, bucket: str, work: str, args) -> dict:
               f"{len(during)} steps overlapped it at {median(during):.3f} s/step (baseline {base:.3f}); "
               f"other processes used {others:.2f} cores meanwhile", flush=True)
         baseline += [step() for _ in range(3)]
+    del engine.save_checkpoint
     steps, ignored = committed_steps(ckpt)
     assert steps == [done, done - 1] and not ignored, (steps, ignored)  # committed, retention applied
     size = sum(o.size for o in ckpt.list(f"step-{done:08d}/"))
@@ -368,6 +382,8 @@ def main(argv=None) -> int:
           + ", ".join(f"{n} {s / 1e6:.1f} MB" for n, s in upload["files"].items()) + ")")
     print(f"(a) medians of {args.repeat}:")
     print(f"    save() blocks training (background upload)   {m['stall_s']:8.3f} s")
+    print(f"      of which DeepSpeed's save_checkpoint       {m['stall_deepspeed_s']:8.3f} s   "
+          f"(to local disk; {m['sync_deepspeed_s']:.3f} s in the synchronous runs)")
     print(f"    synchronous save + upload + commit           {m['sync_s']:8.3f} s   (local save {m['sync_local_save_s']:.3f} s)")
     print(f"    ratio stall / synchronous                    {m['stall_s'] / m['sync_s']:8.3f}   (aim <= 0.05)")
     print(f"    background: save() called -> committed       {m['upload_window_s']:8.3f} s")

@@ -21,6 +21,7 @@ import re
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from jobs.commit import FileEntry, file_entry, read_commit, verify_commit, write_commit
 from jobs.storage import Storage
@@ -73,9 +74,12 @@ class CheckpointWriter:
         try:
             step_dir = self.ckpt.sub(step_key(step))
             entries = {}
-            for name, path in sorted(files.items()):
-                entries[name] = file_entry(path)
-                step_dir.upload_file(path, name)
+            # Hash each file while it uploads (the second read comes from the page cache).
+            with ThreadPoolExecutor(max_workers=1) as uploader:
+                for name, path in sorted(files.items()):
+                    upload = uploader.submit(step_dir.upload_file, path, name)
+                    entries[name] = file_entry(path)
+                    upload.result()
             marker = {name: {"size": e.size, "sha256": e.sha256} for name, e in entries.items()}
             step_dir.write_bytes(f"_ranks/rank-{self.rank:05d}.json", json.dumps(marker).encode())
             shutil.rmtree(os.path.join(self.local_dir, step_key(step)), ignore_errors=True)
