@@ -43,6 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # s3_server
+from proc_cpu import CLOCK_TICKS, process_table  # noqa: E402
 
 _S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
@@ -65,18 +66,8 @@ def process_cpu() -> float:
 
 def tree_cpu() -> float:
     """This process's CPU plus its live children's (the moto child with --moto-process)."""
-    total = process_cpu()
-    me = str(os.getpid())
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            fields = data[data.rfind(")") + 2:].split()
-            if fields[1] == me:
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    total = process_cpu() + sum(cpu for ppid, cpu in process_table().values() if ppid == me)
     return total
 
 
@@ -88,7 +79,7 @@ class LoadMeter:
     def sample() -> tuple[float, float, float]:
         with open("/proc/stat") as f:
             cpu = [int(x) for x in f.readline().split()[1:]]
-        busy = sum(cpu[i] for i in (0, 1, 2, 5, 6)) / os.sysconf("SC_CLK_TCK")  # user nice system irq softirq
+        busy = sum(cpu[i] for i in (0, 1, 2, 5, 6)) / CLOCK_TICKS  # user nice system irq softirq
         return time.perf_counter(), busy, tree_cpu()
 
     @staticmethod

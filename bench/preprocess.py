@@ -61,7 +61,7 @@ NUM_FILES = 4
 SEED = 0
 BATCH = 512  # the stage's _ENCODE_BATCH
 BREAKDOWN_MB, BREAKDOWN_REPS = 1.0, 5  # the in-process breakdown: a 1 MB slice of shard 0, best of 5
-_CLK = os.sysconf("SC_CLK_TCK")
+from proc_cpu import CLOCK_TICKS as _CLK, process_table  # noqa: E402
 _RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
@@ -78,17 +78,7 @@ class CpuMeter:
         self.workers: set[int] = set()
 
     def sample(self) -> dict:
-        table = {}
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            fields = data[data.rfind(")") + 2:].split()
-            table[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK)
+        table = process_table()
         children: dict[int, list[int]] = {}
         for pid, (ppid, _) in table.items():
             children.setdefault(ppid, []).append(pid)

@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 
 DATA_ROOT = REPO / "bench" / ".data" / "train_overhead"
 CACHE_ROOT = os.path.join(tempfile.gettempdir(), "orchestrator-cache")  # TrainJob.cache_dir's default
-_CLK = os.sysconf("SC_CLK_TCK")
+from proc_cpu import CLOCK_TICKS as _CLK, process_table  # noqa: E402
 _PROGRESS = re.compile(r"step\s+(\d+)\s+loss\s+([\d.]+).*?([\d,]+) tokens/s")
 
 
@@ -107,16 +107,7 @@ class LoadMeter:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
-        table = {}
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/stat") as f:
-                        data = f.read()
-                except OSError:
-                    continue
-                fields = data[data.rfind(")") + 2:].split()
-                table[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK)
+        table = process_table()
         children: dict[int, list[int]] = {}
         for pid, (ppid, _) in table.items():
             children.setdefault(ppid, []).append(pid)
