@@ -49,19 +49,21 @@ def run(ctx: StageContext) -> StageOutput:
     args = [(s, spec, spec.source.text_field, scans[s.index][0], keep[s.index], tokenizer_uri, out) for s in todo]
     _run_tasks(ctx, encode_shard, args, len(shards), "tokenize + pack")
 
-    commits = [read_commit(out, shard_commit_key(s.index)) for s in shards]
+    raw_commits = [out.read_bytes(shard_commit_key(s.index)) for s in shards]  # verified by the encode pass
+    commits = [json.loads(raw) for raw in raw_commits]
     info = json.loads(out.read_bytes("tokenizer/info.json"))
     manifest = _manifest(spec, shards, commits, drops, info)
     quarantine = _quarantine_lines(shards, [meta for _, meta in scans])
     out.write_bytes("quarantine.jsonl", quarantine)
-    out.write_bytes("manifest.json", json.dumps(manifest, indent=2).encode())
+    manifest_bytes = json.dumps(manifest, indent=2).encode()
+    out.write_bytes("manifest.json", manifest_bytes)
 
     output_files = dict(tokenizer_files)
-    for s, commit in zip(shards, commits):
+    for s, commit, raw in zip(shards, commits, raw_commits):
         output_files.update(commit_entries(commit))
-        output_files[shard_commit_key(s.index)] = bytes_entry(out.read_bytes(shard_commit_key(s.index)))
+        output_files[shard_commit_key(s.index)] = bytes_entry(raw)
     output_files["quarantine.jsonl"] = bytes_entry(quarantine)
-    output_files["manifest.json"] = bytes_entry(out.read_bytes("manifest.json"))
+    output_files["manifest.json"] = bytes_entry(manifest_bytes)
     metrics = {k: manifest[k] for k in ("num_records", "num_documents", "num_tokens", "num_sequences",
                                          "num_tokens_dropped", "num_shards", "drops")}
     return StageOutput(output_files, metrics)
