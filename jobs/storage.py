@@ -214,8 +214,9 @@ _SCHEMES = "file:///abs/path, file://rel/path, a plain path, or s3://bucket[/pre
 def open_storage(uri: str) -> Storage:
     """The storage rooted at `uri`; see _SCHEMES for the forms understood."""
     from jobs.storage_local import LocalStorage  # here, not at the top: both import this module
-    from jobs.storage_s3 import S3Storage
     if uri.startswith("s3://"):
+        from jobs.storage_s3 import S3Storage  # boto3 only where S3 is used
+
         bucket, _, prefix = uri[len("s3://"):].partition("/")
         prefix = prefix.rstrip("/")
         if not bucket:

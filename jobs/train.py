@@ -75,7 +75,7 @@ def train(job: TrainJob) -> dict:
     tokens_per_step = order.global_batch * data.seq_len
     metrics: dict = {"resumed_from": resumed_from}
     history: list[list[float]] = []  # [step, loss] at each report: the loss curve in the run record
-    window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64)
+    window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64, device=device)
 
     for step in range(start_step, spec.steps):
         for micro in range(spec.grad_accum):
@@ -83,7 +83,7 @@ def train(job: TrainJob) -> dict:
             loss = engine(input_ids=tokens, labels=tokens).loss
             engine.backward(loss)
             engine.step()
-            window_loss += loss.detach().double().cpu() / spec.grad_accum
+            window_loss += loss.detach().double() / spec.grad_accum  # on the device: no sync per micro batch
         window_steps += 1
         crash_point("train", step + 1)
         done = step + 1
@@ -109,11 +109,11 @@ def train(job: TrainJob) -> dict:
                 for name in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
                     if metrics[name] is not None:
                         tensorboard.add_scalar(f"train/{name}", metrics[name], done)
-            window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64)
+            window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64, device=device)
 
     writer.wait()  # the last checkpoint is committed before the export says "done"
     state = gather_state_dict(engine, spec.zero_stage, rank)
-    probe = torch.from_numpy(micro_batch_tokens(data, order.indices(0, 0, rank))).to(device)
+    probe = torch.from_numpy(micro_batch_tokens(data, order.indices(0, 0, rank))[:1]).to(device)  # one sequence
     engine_logits = _logits(engine, probe)  # collective under ZeRO-3: every rank runs it
     if rank == 0:
         tensorboard.close()
@@ -150,7 +150,9 @@ def _check_export(hf_dir: str, tokens: torch.Tensor, engine_logits: torch.Tensor
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     with torch.no_grad():
         diff = (model(input_ids=tokens).logits - engine_logits).abs().max().item()
-    tolerance = 0.25 if bf16 else 1e-3  # the engine computes in bf16, the check in fp32
+    # The engine computes in bf16 (8-bit mantissa), the check in fp32: allow bf16's rounding, which
+    # grows with the logits' scale.
+    tolerance = max(0.25, 0.02 * engine_logits.abs().max().item()) if bf16 else 1e-3
     if not diff <= tolerance:
         raise RuntimeError(f"the exported model's logits differ from the engine's by {diff:.3g} (> {tolerance})")
     return diff
@@ -216,7 +218,7 @@ def _resume(engine, ckpt, rank: int, local_dir: str, config_hash: str,
     start = None
     for step in candidates[0]:
         fetched = fetch_for_rank(ckpt, step, rank, local_dir)
-        ok = torch.tensor(int(fetched is not None and fetched[1].get("config_hash") == config_hash))
+        ok = torch.tensor(int(fetched is not None and fetched[1].get("config_hash") == config_hash), device=engine.device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item():
             _, client_state = engine.load_checkpoint(fetched[0], tag=step_key(step))
