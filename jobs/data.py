@@ -39,6 +39,11 @@ class PackedTokens:
     def __len__(self) -> int:
         return int(self.bounds[-1])
 
+    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(input ids, labels) of a micro batch: in pretraining every token is a label."""
+        tokens = micro_batch_tokens(self, indices)
+        return tokens, tokens
+
     def sequence(self, index: int) -> np.ndarray:
         file_index = int(np.searchsorted(self.bounds, index, side="right")) - 1
         return self._map(file_index)[index - self.bounds[file_index]]

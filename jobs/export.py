@@ -13,7 +13,8 @@ import shutil
 
 import torch
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# info.json (jobs.tokenizer) rides along: a fine-tuning stage reads eos/pad ids from an export.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "info.json")
 
 
 def gather_state_dict(engine, zero_stage: int, rank: int) -> dict | None:

@@ -22,13 +22,14 @@ import torch.distributed as dist
 
 from jobs.checkpoint import CheckpointWriter, committed_steps, discard_after, fetch_for_rank, step_key
 from jobs.commit import file_entry
-from jobs.data import BatchOrder, PackedTokens, micro_batch_tokens
+from jobs.data import BatchOrder, PackedTokens
 from jobs.deepspeed_config import build_deepspeed_config, load_user_config
-from jobs.export import gather_state_dict, save_hf
+from jobs.export import TOKENIZER_FILES, gather_state_dict, save_hf
 from jobs.faults import crash_point
 from jobs.model import flops_per_token, llama_config
-from jobs.train_spec import TrainSpec
+from jobs.sft import SFTExamples
 from jobs.storage import open_storage
+from jobs.train_spec import TrainSpec
 
 # Dense bf16 peak FLOP/s per device, as the vendors state them (no sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -37,9 +38,11 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 @dataclass
 class TrainJob:
     spec: TrainSpec
-    data_uri: str  # a preprocess stage's output
     out_uri: str  # the training stage's output: ckpt/, hf/, tb/
     config_hash: str  # the stage hash: a checkpoint is only resumed by the same configuration
+    data_uri: str | None = None  # a preprocess stage's output: packed sequences, every token a label
+    sft_uri: str | None = None  # or prompt/response rows from jobs.sft, labels on the responses only
+    init_uri: str | None = None  # a Hugging Face directory to start from; None: random weights
     cache_dir: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "orchestrator-cache"))
     report: Callable[[dict], None] | None = None  # rank 0's metrics; printed when not given
     on_start: Callable[[int | None], None] | None = None  # called once resumed: (step resumed from or None)
@@ -56,11 +59,16 @@ def train(job: TrainJob) -> dict:
     device = _device()
     bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
 
-    data = PackedTokens(job.data_uri, "train", job.cache_dir)
+    data = SFTExamples(job.sft_uri, job.cache_dir) if job.sft_uri else PackedTokens(job.data_uri, "train", job.cache_dir)
     local_dir = tempfile.mkdtemp(prefix=f"orchestrator-train-{rank}-")
-    tokenizer_dir = _fetch_tokenizer(job.data_uri, local_dir)
-    config = llama_config(spec.model, data.vocab_size, data.eos_id, _pad_id(tokenizer_dir))
-    engine = _engine(spec, config, world, bf16, device)
+    if job.init_uri:
+        init_dir = tokenizer_dir = os.path.join(local_dir, "init")
+        open_storage(job.init_uri).download_prefix("", init_dir)
+        config = _init_config(init_dir, data)
+    else:
+        init_dir, tokenizer_dir = None, _fetch_tokenizer(job.data_uri, local_dir)
+        config = llama_config(spec.model, data.vocab_size, data.eos_id, _pad_id(tokenizer_dir))
+    engine = _engine(spec, config, world, bf16, device, init_dir)
     ckpt = open_storage(job.out_uri).sub("ckpt")
 
     start_step, resumed_from = _resume(engine, ckpt, rank, local_dir, job.config_hash, report)
@@ -79,8 +87,8 @@ def train(job: TrainJob) -> dict:
 
     for step in range(start_step, spec.steps):
         for micro in range(spec.grad_accum):
-            tokens = torch.from_numpy(micro_batch_tokens(data, order.indices(step, micro, rank))).to(device)
-            loss = engine(input_ids=tokens, labels=tokens).loss
+            tokens, labels = (torch.from_numpy(a).to(device) for a in data.batch(order.indices(step, micro, rank)))
+            loss = engine(input_ids=tokens, labels=labels).loss
             engine.backward(loss)
             engine.step()
             window_loss += loss.detach().double() / spec.grad_accum  # on the device: no sync per micro batch
@@ -113,7 +121,7 @@ def train(job: TrainJob) -> dict:
 
     writer.wait()  # the last checkpoint is committed before the export says "done"
     state = gather_state_dict(engine, spec.zero_stage, rank)
-    probe = torch.from_numpy(micro_batch_tokens(data, order.indices(0, 0, rank))[:1]).to(device)  # one sequence
+    probe = torch.from_numpy(data.batch(order.indices(0, 0, rank))[0][:1]).to(device)  # one sequence
     engine_logits = _logits(engine, probe)  # collective under ZeRO-3: every rank runs it
     if rank == 0:
         tensorboard.close()
@@ -172,7 +180,21 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _engine(spec: TrainSpec, config, world: int, bf16: bool, device: torch.device):
+def _init_config(init_dir: str, data):
+    """The starting model's config, checked against the data it is about to train on."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig.from_pretrained(init_dir)
+    if data.seq_len > config.max_position_embeddings:
+        raise ValueError(f"sequences of {data.seq_len} tokens exceed the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}; shorten seq_len")
+    if getattr(data, "vocab_size", 0) > config.vocab_size:
+        raise ValueError(f"the data's vocabulary ({data.vocab_size}) is larger than the model's ({config.vocab_size}): "
+                         "it was tokenized with another tokenizer")
+    return config
+
+
+def _engine(spec: TrainSpec, config, world: int, bf16: bool, device: torch.device, init_dir: str | None):
     import deepspeed
     from transformers import LlamaForCausalLM
 
@@ -181,7 +203,10 @@ def _engine(spec: TrainSpec, config, world: int, bf16: bool, device: torch.devic
                                        grad_accum=spec.grad_accum, world_size=world, grad_clip=spec.grad_clip,
                                        bf16=bf16, user_config=user)
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config).to(device)
+    if init_dir:
+        model = LlamaForCausalLM.from_pretrained(init_dir, dtype=torch.float32).to(device)
+    else:
+        model = LlamaForCausalLM(config).to(device)
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
         # torch's AdamW rather than DeepSpeed's: no op to JIT-compile, and identical on CPU and GPU.
@@ -263,8 +288,9 @@ def _checkpoint_extras(config, tokenizer_dir: str, local_dir: str) -> dict[str, 
     path = os.path.join(local_dir, "config.json")
     config.to_json_file(path)
     extras = {"hf/config.json": path}
-    for name in os.listdir(tokenizer_dir):
-        extras[f"hf/{name}"] = os.path.join(tokenizer_dir, name)
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(tokenizer_dir, name)):
+            extras[f"hf/{name}"] = os.path.join(tokenizer_dir, name)
     return extras
 
 
@@ -283,8 +309,9 @@ def main(argv: list[str]) -> int:
     """`torchrun --nproc_per_node N -m jobs.train JOB.json`: the same loop without Ray."""
     with open(argv[0]) as f:
         raw = json.load(f)
-    job = TrainJob(spec=TrainSpec.model_validate(raw["spec"]), data_uri=raw["data_uri"], out_uri=raw["out_uri"],
-                   config_hash=raw.get("config_hash", "torchrun"))
+    job = TrainJob(spec=TrainSpec.model_validate(raw["spec"]), out_uri=raw["out_uri"],
+                   config_hash=raw.get("config_hash", "torchrun"), data_uri=raw.get("data_uri"),
+                   sft_uri=raw.get("sft_uri"), init_uri=raw.get("init_uri"))
     metrics = train(job)
     if dist.get_rank() == 0:
         print(json.dumps(metrics))

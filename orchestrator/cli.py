@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from jobs.storage import InvalidKeyError, open_storage
 from orchestrator.console import Console
@@ -62,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default="file://./.orchestrator", help="storage root (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
     p.set_defaults(command=_status)
+
+    p = sub.add_parser("logs", help="a run's stage logs: every stage's in order, or one; -f follows a running run")
+    p.add_argument("run_id")
+    p.add_argument("--stage", help="only this stage's log")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the run ends")
+    p.add_argument("--storage", default="file://./.orchestrator", help="storage root (default: %(default)s)")
+    p.set_defaults(command=_logs)
+
+    p = sub.add_parser("report", help="write (or refresh) a run's report: stages, loss curves, evaluation, models")
+    p.add_argument("run_id")
+    p.add_argument("--storage", default="file://./.orchestrator", help="storage root (default: %(default)s)")
+    p.set_defaults(command=_report)
     return parser
 
 
@@ -128,16 +141,65 @@ def _runs(args) -> int:
 
 
 def _status(args) -> int:
-    from orchestrator.records import load_record
+    from orchestrator.report import format_duration, format_time, stage_rows
 
-    record = load_record(_storage(None, args.storage), args.run_id)
-    if record is None:
-        raise UserError(f"no run {args.run_id!r} in {args.storage}; `orchestrator runs --storage ...` lists them")
+    record = _load_run(_storage(None, args.storage), args.run_id)
     if args.json:
         print(record.model_dump_json(indent=2))
-    else:
-        Console().summary(record)
+        return EXIT_OK
+    elapsed = (record.finished_at or time.time()) - record.started_at
+    print(f"run {record.run_id} ({record.pipeline}): {record.status}, driver attempt {record.attempts}, "
+          f"started {format_time(record.started_at)}, {format_duration(elapsed)}")
+    widths = [12, 11, 10, 6, 8, 8]
+    for row in stage_rows(record):
+        *cells, metric = row
+        print("  " + " ".join(f"{c:<{w}}" for c, w in zip(cells, widths)) + f" {metric}".rstrip())
+    for name, stage in record.stages.items():
+        if stage.error:
+            print(f"  {name}: {stage.error}")
+    print(f"record: {record.storage.rstrip('/')}/runs/{record.run_id}/run.json")
     return EXIT_OK
+
+
+def _logs(args) -> int:
+    from orchestrator.stage_log import follow_log, read_log
+
+    storage = _storage(None, args.storage)
+    record = _load_run(storage, args.run_id)
+    if args.stage is not None and args.stage not in record.stages:
+        raise UserError(f"--stage {args.stage!r}: run {record.run_id} has no such stage; "
+                        f"its stages: {', '.join(record.stages)}")
+    if not args.follow:
+        text = read_log(storage, record.run_id, args.stage)
+        if not text:
+            which = f"stage {args.stage}" if args.stage else f"run {record.run_id}"
+            print(f"no log yet for {which} (a cached stage has none)", file=sys.stderr)
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        for text in follow_log(storage, record.run_id, args.stage):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:  # Ctrl-C ends following; the run itself goes on
+        pass
+    return EXIT_OK
+
+
+def _report(args) -> int:
+    from orchestrator.report import write_report
+
+    storage = _storage(None, args.storage)
+    print(f"report: {write_report(storage, _load_run(storage, args.run_id))}")
+    return EXIT_OK
+
+
+def _load_run(storage, run_id: str):
+    from orchestrator.records import load_record
+
+    record = load_record(storage, run_id)
+    if record is None:
+        raise UserError(f"no run {run_id!r} in {storage.uri}; `orchestrator runs --storage {storage.uri}` lists them")
+    return record
 
 
 def _export(args) -> int:

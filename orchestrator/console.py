@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -32,7 +33,7 @@ class Console:
 
     @contextlib.contextmanager
     def progress(self, total: int, label: str):
-        bar = tqdm(total=total, desc=f"  {label}", unit="shard", leave=False, file=sys.stderr, disable=None)
+        bar = tqdm(total=total, desc=f"  {label}", leave=False, file=sys.stderr, disable=None)
         try:
             yield bar.update
         finally:
@@ -44,9 +45,28 @@ class Console:
         for name, stage in record.stages.items():
             how = "cached" if stage.cached else _elapsed(stage)
             self.line(f"  {name:<12} {stage.kind:<11} {stage.status:<10} {how:>7}  {key_metrics(stage)}")
-        self.line(f"record: {record.storage.rstrip('/')}/runs/{record.run_id}/run.json")
+        exports = [(name, s.output_uri) for name, s in record.stages.items()
+                   if s.kind in ("pretrain", "finetune") and s.status == "succeeded"]
+        for name, uri in exports:
+            self.line(f"model:  {name} → {uri.rstrip('/')}/hf/")
+        base = f"{record.storage.rstrip('/')}/runs/{record.run_id}"
+        self.line(f"record: {base}/run.json\nreport: {base}/report.md")
         if log_path:
             self.line(f"log:    {log_path}")
+
+
+class StageConsole:
+    """One stage's view of the console: stages run side by side, so its lines carry its name."""
+
+    def __init__(self, console: Console, name: str, log: Callable[[str], None]):
+        self.console, self.name, self.log = console, name, log  # log: the stage's log in storage
+
+    def line(self, text: str) -> None:
+        self.console.line(f"  {self.name}: {text.strip()}")
+        self.log(text.strip())
+
+    def progress(self, total: int, label: str):
+        return self.console.progress(total, f"{self.name} {label}")
 
 
 def key_metrics(stage: StageRecord) -> str:
@@ -56,10 +76,24 @@ def key_metrics(stage: StageRecord) -> str:
     if stage.kind == "preprocess" and "num_tokens" in m:
         return (f"{m['num_documents']:,} docs, {m['num_tokens']:,} tokens, "
                 f"{m['num_sequences']:,} seqs, {sum(m.get('drops', {}).values()):,} dropped")
-    if stage.kind == "pretrain" and m.get("final_loss") is not None:
+    if stage.kind in ("pretrain", "finetune") and m.get("final_loss") is not None:
         resumed = f", resumed from step {m['resumed_from']}" if m.get("resumed_from") is not None else ""
         return f"loss {m['final_loss']:.3f}, {m['tokens_per_s']:,.0f} tokens/s{resumed}"
+    if stage.kind == "evaluate" and m.get("results"):
+        return "; ".join(f"{label}: {evaluation_summary(result)}" for label, result in m["results"].items())
     return ""
+
+
+def evaluation_summary(result: dict) -> str:
+    """One model's evaluation in a few words: perplexity and each task's main metric."""
+    parts = []
+    if "perplexity" in result:
+        parts.append(f"perplexity {result['perplexity']['perplexity']:.2f}")
+    for name, metrics in result.get("tasks", {}).items():
+        main = next((k for k in ("acc", "exact_match") if k in metrics), None)
+        if main:
+            parts.append(f"{name} {main} {metrics[main]:.3f}")
+    return ", ".join(parts)
 
 
 def _elapsed(stage: StageRecord) -> str:

@@ -22,7 +22,7 @@ from jobs.storage import Storage
 from orchestrator.errors import UserError
 from orchestrator.spec import LocalPath, PipelineSpec
 
-STAGE_VERSIONS = {"tokenizer": 1, "preprocess": 1, "pretrain": 1}
+STAGE_VERSIONS = {"tokenizer": 1, "preprocess": 1, "pretrain": 1, "finetune": 1, "evaluate": 1}
 COMMIT_FILE = "_COMMIT.json"
 
 
@@ -73,10 +73,14 @@ def _fingerprint(name: str, stage) -> list:
         except SourceError as e:
             raise UserError(f"stages.{name}.{e}") from None
     local_dirs = [stage.path] if getattr(stage, "path", None) else []
-    if isinstance(getattr(stage, "tokenizer", None), LocalPath):
-        local_dirs.append(stage.tokenizer.path)
+    refs = [getattr(stage, "tokenizer", None), getattr(stage, "init", None), *getattr(stage, "models", [])]
+    local_dirs += [ref.path for ref in refs if isinstance(ref, LocalPath)]
     for path in local_dirs:
         entries += _directory_fingerprint(name, path)
+    task_files = [getattr(stage, "task", None), *getattr(stage, "tasks", [])]
+    for task in filter(None, task_files):
+        st = os.stat(task.path)  # validation has read it
+        entries.append([_display(task.path), st.st_size, f"{st.st_mtime_ns}-{st.st_ctime_ns}"])
     return entries
 
 

@@ -32,6 +32,15 @@ def connect(address: str | None = None) -> None:
              ray._private.worker._global_node.get_session_dir_path() if ray._private.worker._global_node else "remote")
 
 
+def capacity() -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(the cluster's schedulable resources, each alive node's), without Ray's bookkeeping keys."""
+    def schedulable(resources: dict) -> dict[str, float]:
+        return {k: v for k, v in resources.items()
+                if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+    nodes = [schedulable(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    return schedulable(ray.cluster_resources()), nodes
+
+
 def run_all(refs: Sequence[ray.ObjectRef], on_done: Callable[[], None]) -> list:
     """Wait for every task, calling `on_done` as each finishes; the first failure raises."""
     index = {ref: i for i, ref in enumerate(refs)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 import types
 import typing
@@ -22,7 +23,9 @@ from typing import Annotated, ClassVar, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from jobs.evaluate import TaskSpec
 from jobs.preprocess import PreprocessSpec
+from jobs.sft import SFTTaskSpec
 from jobs.sources import SourceSpec
 from jobs.text import NormalizeSpec
 from jobs.train_spec import TrainSpec
@@ -39,6 +42,16 @@ class LocalPath(BaseModel):
 
     path: str
     """Local directory (relative to the current directory)."""
+
+
+def _stage_or_path(value, what: str):
+    """A stage's name or {path: DIR}; validated by hand because a plain union's errors name
+    pydantic's members instead of what the user can write."""
+    if isinstance(value, dict):
+        return LocalPath.model_validate(value)
+    if not isinstance(value, str):
+        raise ValueError(f"give {what} stage's name or {{path: DIR}}")
+    return value
 
 
 class TokenizerStage(BaseModel):
@@ -79,26 +92,14 @@ class PreprocessStage(PreprocessSpec):
     tokenizer: str | LocalPath
     """A tokenizer stage's name, or {path: DIR} for a local Hugging Face tokenizer."""
 
-    @field_validator("tokenizer", mode="before")
-    @classmethod
-    def _stage_or_path(cls, value):
-        # Validated here rather than as a plain union, whose errors name pydantic's members.
-        if isinstance(value, dict):
-            return LocalPath.model_validate(value)
-        if not isinstance(value, str):
-            raise ValueError("give a tokenizer stage's name or {path: DIR}")
-        return value
+    _tokenizer_or_path = field_validator("tokenizer", mode="before")(lambda cls, v: _stage_or_path(v, "a tokenizer"))
 
 
-class PretrainStage(TrainSpec):
-    """Trains a model from scratch on a preprocess stage's sequences with DeepSpeed ZeRO on Ray Train."""
+class TrainStage(TrainSpec):
+    """What pretraining and fine-tuning share: the worker group and its failure policy."""
 
-    REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"data": ("preprocess",)}
     NOT_HASHED: ClassVar[set[str]] = {"max_failures"}
 
-    kind: Literal["pretrain"]
-    data: str
-    """The preprocess stage whose train split to train on."""
     num_workers: int = Field(2, ge=1)
     """Training workers (one per GPU, or CPU processes with gloo)."""
     use_gpu: bool = False
@@ -123,10 +124,141 @@ class PretrainStage(TrainSpec):
             object.__setattr__(self, "grad_accum", self.global_batch // per_pass)  # frozen: derived once, here
         return self
 
+    def bundles(self) -> list[dict[str, float]]:
+        """The resources of each worker: what the runner reserves and Ray Train places."""
+        return [{"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}] * self.num_workers
 
-Stage = Annotated[Union[TokenizerStage, PreprocessStage, PretrainStage], Field(discriminator="kind")]
+
+class PretrainStage(TrainStage):
+    """Trains a model from scratch on a preprocess stage's sequences with DeepSpeed ZeRO on Ray Train."""
+
+    REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"data": ("preprocess",)}
+
+    kind: Literal["pretrain"]
+    data: str
+    """The preprocess stage whose train split to train on."""
+
+
+class FinetuneStage(TrainStage):
+    """Fine-tunes a trained model: supervised on prompt/response pairs (`task`), or continued
+    pretraining on a preprocess stage's sequences (`data`); the same loop, checkpoints and export."""
+
+    REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"init": ("pretrain", "finetune"), "data": ("preprocess",)}
+
+    kind: Literal["finetune"]
+    init: str | LocalPath
+    """A training stage to start from (its export, or its checkpoint at `init_step`), or {path: HF_DIR}."""
+    init_step: int | None = Field(None, ge=1)
+    """Start from this committed checkpoint step of `init` instead of its final export."""
+    task: SFTTaskSpec | None = None
+    """Supervised fine-tuning data: a prompt/response JSON-lines file (give this or `data`)."""
+    data: str | None = None
+    """Continued pretraining: a preprocess stage's sequences (give this or `task`)."""
+    steps: int = Field(200, ge=1)
+    """Optimizer steps in all."""
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate (lower than pretraining's: the weights are already trained)."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear warmup from 0 to lr."""
+
+    _init_or_path = field_validator("init", mode="before")(lambda cls, v: _stage_or_path(v, "a training"))
+
+    @model_validator(mode="after")
+    def _one_data_source(self):
+        if (self.task is None) == (self.data is None):
+            raise ValueError("give exactly one of `task` (prompt/response file) or `data` (a preprocess stage)")
+        if "model" in self.model_fields_set:
+            raise ValueError("`model` is not set here: the model and its shape come from `init`; remove `model`")
+        if self.init_step is not None and isinstance(self.init, LocalPath):
+            raise ValueError("`init_step` picks a checkpoint of a training stage; it does not apply to {path: DIR}")
+        return self
+
+
+class ModelRef(BaseModel):
+    """One committed checkpoint of a training stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: str
+    """The training stage."""
+    step: int = Field(ge=1)
+    """The checkpoint's step (it must be committed and kept by retention)."""
+
+
+class EvaluateStage(BaseModel):
+    """Evaluates models: perplexity on a preprocess stage's held-out split, multiple-choice tasks by
+    log-likelihood, exact match on short generations; a comparison table in the run record."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"models": ("pretrain", "finetune"), "data": ("preprocess",)}
+
+    kind: Literal["evaluate"]
+    models: list[str | ModelRef | LocalPath] = Field(min_length=1)
+    """Training stages (their exports), {stage, step} checkpoints, or {path: HF_DIR} directories."""
+    data: str | None = None
+    """A preprocess stage: perplexity on its validation split."""
+    tasks: list[TaskSpec] = []
+    """Multiple-choice and exact-match tasks from local JSON-lines files."""
+    max_val_sequences: int = Field(256, ge=1)
+    """Validation sequences scored for perplexity, at most."""
+    batch_size: int = Field(8, ge=1)
+    """Sequences per forward pass."""
+    cpus: float = Field(1.0, gt=0)
+    """CPUs reserved while evaluating."""
+    use_gpu: bool = False
+    """Evaluate on one GPU."""
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_refs(cls, value):
+        if not isinstance(value, list):
+            return value
+        out = []
+        for item in value:
+            if isinstance(item, dict) and "path" in item:
+                out.append(LocalPath.model_validate(item))
+            elif isinstance(item, dict):
+                out.append(ModelRef.model_validate(item))
+            else:
+                out.append(item)
+        return out
+
+    @model_validator(mode="after")
+    def _something_to_measure(self):
+        if self.data is None and not self.tasks:
+            raise ValueError("nothing to evaluate: give `data` (perplexity) and/or `tasks`")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) < len(names):
+            raise ValueError(f"task names must differ: {names}")
+        return self
+
+    def bundles(self) -> list[dict[str, float]]:
+        return [{"CPU": self.cpus, **({"GPU": 1.0} if self.use_gpu else {})}]
+
+
+Stage = Annotated[Union[TokenizerStage, PreprocessStage, PretrainStage, FinetuneStage, EvaluateStage],
+                  Field(discriminator="kind")]
 KINDS: dict[str, type[BaseModel]] = {"tokenizer": TokenizerStage, "preprocess": PreprocessStage,
-                                     "pretrain": PretrainStage}
+                                     "pretrain": PretrainStage, "finetune": FinetuneStage, "evaluate": EvaluateStage}
+
+
+def references(stage_model: type[BaseModel], raw_or_stage) -> list[tuple[str, str]]:
+    """(field path, stage name) of every reference to another stage, e.g. ("models[1]", "sft").
+
+    Works on a validated stage and on its raw mapping alike, so that the graph is checked even
+    when some field elsewhere does not validate.
+    """
+    get = raw_or_stage.get if isinstance(raw_or_stage, dict) else lambda f: getattr(raw_or_stage, f, None)
+    refs = []
+    for field in stage_model.REFERENCES:
+        value = get(field)
+        items = [(f"{field}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(field, value)]
+        for path, item in items:
+            if isinstance(item, (dict, ModelRef)):
+                item = item.get("stage") if isinstance(item, dict) else item.stage
+            if isinstance(item, str):
+                refs.append((path, item))
+    return refs
 
 
 class PipelineSpec(BaseModel):
@@ -156,10 +288,9 @@ class PipelineSpec(BaseModel):
         return uri
 
     def upstream(self, name: str) -> dict[str, str]:
-        """field -> referenced stage name, for the references that name a stage."""
+        """field path -> referenced stage name, for the references that name a stage."""
         stage = self.stages[name]
-        refs = {field: getattr(stage, field) for field in type(stage).REFERENCES}
-        return {field: value for field, value in refs.items() if isinstance(value, str)}
+        return dict(references(type(stage), stage))
 
     def topological_order(self) -> list[str]:
         order: list[str] = []
@@ -220,14 +351,81 @@ def _valid_stages(stages) -> dict[str, BaseModel]:
 
 
 def _cross_stage_problems(stages: dict[str, BaseModel]) -> list[str]:
-    """Checks that need two stages at once, so that they fail at validate, before any GPU time."""
+    """Checks that need two stages (or a stage and its files) at once, so that they fail at
+    validate, before any GPU time."""
     problems = []
     for name, stage in stages.items():
         data = stages.get(getattr(stage, "data", None) or "")
-        if isinstance(stage, PretrainStage) and isinstance(data, PreprocessStage):
-            if data.seq_len > stage.model.max_position_embeddings:
-                problems.append(f"stages.{name}.model.max_position_embeddings: {stage.model.max_position_embeddings} is "
-                                f"shorter than stages.{stage.data}.seq_len {data.seq_len}; raise it or shorten seq_len")
+        positions = _max_positions(stages, name)
+        if positions is not None and isinstance(data, PreprocessStage) and data.seq_len > positions:
+            if isinstance(stage, PretrainStage):
+                problems.append(f"stages.{name}.model.max_position_embeddings: {positions} is shorter than "
+                                f"stages.{stage.data}.seq_len {data.seq_len}; raise it or shorten seq_len")
+            else:
+                problems.append(f"stages.{name}.data: stages.{stage.data}.seq_len {data.seq_len} exceeds the starting "
+                                f"model's max_position_embeddings {positions}; shorten seq_len")
+        if isinstance(stage, FinetuneStage) and stage.task and positions is not None and stage.task.seq_len > positions:
+            problems.append(f"stages.{name}.task.seq_len: {stage.task.seq_len} exceeds the model's "
+                            f"max_position_embeddings {positions}; shorten it")
+        problems += _checkpoint_problems(stages, name, stage)
+        problems += _task_file_problems(name, stage)
+    return problems
+
+
+def _max_positions(stages: dict[str, BaseModel], name: str, seen: frozenset = frozenset()) -> int | None:
+    """The model's context length for a training stage: its own model, or the one it starts from."""
+    stage = None if name in seen else stages.get(name)  # a cycle is reported by _graph_problems
+    if isinstance(stage, PretrainStage):
+        return stage.model.max_position_embeddings
+    if isinstance(stage, FinetuneStage):
+        if isinstance(stage.init, LocalPath):
+            try:
+                with open(os.path.join(stage.init.path, "config.json")) as f:
+                    return json.load(f).get("max_position_embeddings")
+            except (OSError, ValueError):
+                return None  # reported by the plan, which fingerprints the directory
+        return _max_positions(stages, stage.init, seen | {name})
+    return None
+
+
+def checkpoint_steps(stage: TrainSpec) -> list[int]:
+    """The steps whose checkpoints a training stage keeps once it has finished (its retention)."""
+    steps = sorted(set(range(stage.checkpoint_every, stage.steps + 1, stage.checkpoint_every)) | {stage.steps})
+    return [s for i, s in enumerate(steps)
+            if i >= len(steps) - stage.keep_last or (stage.keep_every and s % stage.keep_every == 0)]
+
+
+def _checkpoint_problems(stages: dict[str, BaseModel], name: str, stage: BaseModel) -> list[str]:
+    """A checkpoint step asked of a training stage must be one it commits and keeps."""
+    wanted = []
+    if isinstance(stage, FinetuneStage) and stage.init_step is not None and isinstance(stage.init, str):
+        wanted.append(("init_step", stage.init, stage.init_step))
+    if isinstance(stage, EvaluateStage):
+        wanted += [(f"models[{i}].step", m.stage, m.step) for i, m in enumerate(stage.models) if isinstance(m, ModelRef)]
+    problems = []
+    for field, target, step in wanted:
+        source = stages.get(target)
+        if isinstance(source, TrainStage) and step not in checkpoint_steps(source):
+            problems.append(f"stages.{name}.{field}: {target} keeps no checkpoint at step {step}; it keeps steps "
+                            f"{checkpoint_steps(source)} (checkpoint_every, keep_last, keep_every)")
+    return problems
+
+
+def _task_file_problems(name: str, stage: BaseModel) -> list[str]:
+    from jobs.evaluate import load_task
+    from jobs.sft import load_sft_rows
+
+    checks = []
+    if isinstance(stage, FinetuneStage) and stage.task:
+        checks.append(("task", load_sft_rows, stage.task))
+    if isinstance(stage, EvaluateStage):
+        checks += [(f"tasks[{i}]", load_task, task) for i, task in enumerate(stage.tasks)]
+    problems = []
+    for field, load, task in checks:
+        try:
+            load(task)
+        except ValueError as e:
+            problems.append(f"stages.{name}.{field}: {e}")
     return problems
 
 
@@ -259,10 +457,8 @@ def _graph_problems(stages) -> list[str]:
         if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
             problems.append(f"stages.{name}: invalid stage name; use lowercase letters, digits, '-' and '_'")
         model = KINDS.get(raw.get("kind")) if isinstance(raw, dict) else None
-        for field, kinds in (model.REFERENCES if model else {}).items():
-            target = raw.get(field)
-            if not isinstance(target, str):
-                continue
+        for field, target in (references(model, raw) if model else []):
+            kinds = model.REFERENCES[field.split("[")[0]]
             target_kind = stages[target].get("kind") if isinstance(stages.get(target), dict) else None
             if target not in stages:
                 problems.append(f"stages.{name}.{field}: {target!r} is not a stage; stages are: {', '.join(stages)}")

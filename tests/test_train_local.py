@@ -151,5 +151,5 @@ def test_torn_checkpoint_is_skipped_and_the_driver_resumes(start_ray, monkeypatc
 
 def test_more_workers_than_the_cluster_holds_fails_before_training(start_ray, tmp_path):
     start_ray()
-    with pytest.raises(UserError, match=r"stages.pretrain: 2 workers need 2 GPU in all, but the cluster has 0"):
+    with pytest.raises(UserError, match=r"stages.pretrain: needs 2 GPU in all \(2 x \{CPU: 1, GPU: 1\}\), but the cluster has 0 GPU"):
         run(pipeline(f"file://{tmp_path}/store", use_gpu=True))

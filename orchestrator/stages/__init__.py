@@ -29,6 +29,7 @@ class StageOutput:
 
 
 def executor(kind: str):
-    from orchestrator.stages import preprocess, pretrain, tokenizer
+    from orchestrator.stages import evaluate, finetune, preprocess, pretrain, tokenizer
 
-    return {"tokenizer": tokenizer.run, "preprocess": preprocess.run, "pretrain": pretrain.run}[kind]
+    return {"tokenizer": tokenizer.run, "preprocess": preprocess.run, "pretrain": pretrain.run,
+            "finetune": finetune.run, "evaluate": evaluate.run}[kind]

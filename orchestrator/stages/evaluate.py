@@ -1,0 +1,81 @@
+"""The evaluate stage: every model of `models` on the same measures, one Ray task per model.
+
+Task files and the starting models live on the driver's disk or in storage; the stage copies the
+task files into its own output first so that a task on any node reads them. Each model's results
+land in `results/<label>.json`; the run record gets the comparison (`metrics.results`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import ray
+
+from jobs.commit import FileEntry, bytes_entry, file_entry
+from jobs.data import PackedTokens
+from jobs.evaluate import TaskSpec, evaluate_model
+from jobs.storage import open_storage
+from orchestrator.console import evaluation_summary
+from orchestrator.spec import LocalPath, ModelRef
+from orchestrator.stages import StageContext, StageOutput
+from orchestrator.stages.model_inputs import resolve_model
+
+
+def run(ctx: StageContext) -> StageOutput:
+    spec = ctx.spec
+    files: dict[str, FileEntry] = {}
+    tasks_uri = None
+    if spec.tasks:
+        for task in spec.tasks:
+            ctx.out.upload_file(task.path, f"tasks/{task.name}.jsonl")
+            files[f"tasks/{task.name}.jsonl"] = file_entry(task.path)
+        tasks_uri = ctx.out.url("tasks")
+    results = {}
+    for i, ref in enumerate(spec.models):
+        label = model_label(ref)
+        ctx.console.line(f"evaluating {label}")
+        step = ref.step if isinstance(ref, ModelRef) else None
+        model_uri, staged = resolve_model(ctx.out, ref, ctx.inputs.get(f"models[{i}]"), step, f"models/{label}")
+        files.update(staged)
+        options = {"num_cpus": spec.cpus, "num_gpus": 1 if spec.use_gpu else 0}
+        results[label] = ray.get(_evaluate.options(**options).remote(
+            model_uri, list(spec.tasks), tasks_uri, ctx.inputs.get("data"), spec.max_val_sequences, spec.batch_size))
+        body = json.dumps(results[label], indent=2, sort_keys=True).encode()
+        ctx.out.write_bytes(f"results/{label}.json", body)
+        files[f"results/{label}.json"] = bytes_entry(body)
+        ctx.console.line(f"{label}: {evaluation_summary(results[label])}")
+    return StageOutput(files, {"results": results})
+
+
+def model_label(ref) -> str:
+    if isinstance(ref, ModelRef):
+        return f"{ref.stage}@{ref.step}"
+    if isinstance(ref, LocalPath):
+        return os.path.basename(os.path.normpath(ref.path))
+    return ref
+
+
+@ray.remote
+def _evaluate(model_uri: str, tasks: list[TaskSpec], tasks_uri: str | None, data_uri: str | None,
+              max_val_sequences: int, batch_size: int) -> dict:
+    import numpy as np
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="orchestrator-eval-") as tmp:
+        model_dir = os.path.join(tmp, "model")
+        open_storage(model_uri).download_prefix("", model_dir)
+        local_tasks = []
+        for task in tasks:
+            path = os.path.join(tmp, "tasks", f"{task.name}.jsonl")
+            open_storage(tasks_uri).download_file(f"{task.name}.jsonl", path)
+            local_tasks.append(task.model_copy(update={"path": path}))
+        val = None
+        if data_uri:
+            data = PackedTokens(data_uri, "val", os.path.join(tmp, "cache"))
+            if len(data) == 0:
+                raise ValueError(f"{data_uri} has no validation sequences; raise its validation_fraction")
+            val = np.stack([data.sequence(i) for i in range(min(len(data), max_val_sequences))]).astype(np.int64)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return evaluate_model(model_dir, local_tasks, val_sequences=val, batch_size=batch_size, device=device)

@@ -1,0 +1,132 @@
+"""Training stages (pretrain, finetune): `jobs.train.train` on N Ray Train workers (GPUs +
+NCCL, or CPUs + gloo).
+
+Ray Train places the workers (across nodes if it must) and restarts the whole worker group on a
+failure, up to `max_failures` times; the loop itself resumes from the newest committed
+checkpoint, so a restart costs at most `checkpoint_every` steps. Rank 0 streams its metrics to the
+driver through a Ray queue: that is the live progress line, and how the driver learns how many
+times the group started and where it resumed from. The fit thread's last message says it ended,
+so the driver waits on the queue alone.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+
+import ray
+from ray.util.queue import Empty, Queue
+
+from jobs.commit import FileEntry
+from jobs.train import TrainJob, train
+from jobs.train_spec import TrainSpec
+from orchestrator.errors import UserError
+from orchestrator.stages import StageContext, StageOutput
+
+_FIT_ENDED = {"event": "fit-ended"}
+_LIVENESS_S = 10.0  # how often to check that the fit thread is alive, should its last message be lost
+
+
+def run_training(ctx: StageContext, job_fields: dict) -> StageOutput:
+    """Train with the stage's TrainSpec fields and `job_fields` (the data and the starting model)."""
+    spec = ctx.spec
+    check_resources(ctx.name, spec)
+    queue = Queue()
+    job = TrainJob(spec=TrainSpec.model_validate(spec.model_dump(include=set(TrainSpec.model_fields))),
+                   out_uri=ctx.out.uri, config_hash=ctx.hash, **job_fields)
+    trainer = _trainer(ctx.name, spec, job, queue)
+    outcome: dict = {}
+    fit = threading.Thread(target=_fit, args=(trainer, outcome, queue), daemon=True)
+    fit.start()
+    starts, final, last = 0, None, {}
+    with ctx.console.progress(spec.steps, "steps") as advance:
+        while True:
+            try:
+                message = queue.get(timeout=_LIVENESS_S)
+            except Empty:
+                if fit.is_alive():
+                    continue
+                break
+            if message == _FIT_ENDED:
+                break
+            if "warning" in message:
+                ctx.console.line(f"  {message['warning']}")
+            elif message.get("event") == "started":
+                starts += 1
+                if message["resumed_from"] is not None:
+                    ctx.console.line(f"  resumed from step {message['resumed_from']}")
+            elif message.get("event") == "finished":
+                final = message
+            else:
+                advance(message["step"] - last.get("step", message.get("resumed_from") or 0))
+                last = message
+                ctx.console.line(_progress_line(message))
+    fit.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    if final is None:
+        raise RuntimeError(f"stage {ctx.name}: training ended without a final report")
+    metrics = {k: final["metrics"].get(k) for k in ("final_loss", "tokens_per_s", "mfu", "last_checkpoint", "resumed_from",
+                                                      "loss_history", "export_max_logit_diff")}
+    metrics["restarts"] = max(starts - 1, 0)
+    files = {k: FileEntry(size, sha) for k, (size, sha) in final["files"].items()}
+    return StageOutput(files, metrics, attempts=max(starts, 1))
+
+
+def _fit(trainer, outcome: dict, queue: Queue) -> None:
+    try:
+        trainer.fit()
+    except BaseException as e:  # re-raised on the stage's thread
+        outcome["error"] = e
+    finally:
+        queue.put(_FIT_ENDED)
+
+
+def _trainer(name: str, spec, job: TrainJob, queue: Queue):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    worker_env = {} if spec.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config={"job": job, "queue": queue},
+        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
+                                     resources_per_worker={"CPU": spec.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=os.path.join(tempfile.gettempdir(), "orchestrator-ray-train"),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+            worker_runtime_env={"env_vars": worker_env},
+        ),
+    )
+
+
+def _worker_loop(config: dict) -> None:
+    import ray.train
+
+    job: TrainJob = config["job"]
+    queue: Queue = config["queue"]
+    rank = ray.train.get_context().get_world_rank()
+    job.report = queue.put
+    job.on_start = (lambda resumed_from: queue.put({"event": "started", "resumed_from": resumed_from})) if rank == 0 else None
+    metrics = train(job)
+    if rank == 0:
+        queue.put({"event": "finished", "metrics": metrics, "files": metrics.pop("files")})
+
+
+def check_resources(name: str, spec) -> None:
+    """Fail before any GPU time when the cluster can never hold the worker group."""
+    total = ray.cluster_resources()
+    need = {"GPU": spec.num_workers if spec.use_gpu else 0, "CPU": spec.num_workers * spec.cpus_per_worker}
+    for resource, amount in need.items():
+        if amount and total.get(resource, 0) < amount:
+            raise UserError(f"stages.{name}: {spec.num_workers} workers need {amount:g} {resource} in all, but the "
+                            f"cluster has {total.get(resource, 0):g}; lower num_workers or add nodes")
+
+
+def _progress_line(m: dict) -> str:
+    mfu = f"  mfu {m['mfu']:.1%}" if m.get("mfu") else ""
+    return (f"  step {m['step']:>6}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  grad norm {m['grad_norm'] or 0:.3f}  "
+            f"{m['tokens_per_s']:,.0f} tokens/s{mfu}")
