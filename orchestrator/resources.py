@@ -39,8 +39,10 @@ def never_fits(name: str, bundles: list[Resources], cluster: Resources, nodes: l
     need = total(bundles)
     for resource, amount in sorted(need.items()):
         if amount and cluster.get(resource, 0.0) < amount:
+            fix = "set use_gpu: false or add GPU nodes" if resource == "GPU" and not cluster.get("GPU") else \
+                "lower num_workers or add nodes"
             return (f"stages.{name}: needs {amount:g} {resource} in all ({len(bundles)} x {_fmt(bundles[0])}), but the "
-                    f"cluster has {cluster.get(resource, 0.0):g} {resource}; lower num_workers or add nodes")
+                    f"cluster has {cluster.get(resource, 0.0):g} {resource}; {fix}")
     for bundle in bundles:
         if nodes and not any(fits(bundle, node) for node in nodes):
             largest = ", ".join(_fmt(node) for node in nodes)

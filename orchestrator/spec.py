@@ -21,7 +21,8 @@ import typing
 from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from jobs.evaluate import TaskSpec
 from jobs.preprocess import PreprocessSpec
@@ -185,6 +186,19 @@ class ModelRef(BaseModel):
     """The checkpoint's step (it must be committed and kept by retention)."""
 
 
+def _model_entry_kind(value) -> str:
+    if isinstance(value, (dict, BaseModel)):
+        return "path" if (value.get("path") if isinstance(value, dict) else isinstance(value, LocalPath)) else "checkpoint"
+    return "stage"  # anything else is validated as a stage name, whose error says it wants a string
+
+
+# An evaluate stage's model: dispatched on its shape, so that a mistake is reported against the one
+# form the user meant, at its list index, rather than against every member of a union.
+ModelEntry = Annotated[Union[Annotated[str, Tag("stage")], Annotated[ModelRef, Tag("checkpoint")],
+                             Annotated[LocalPath, Tag("path")]], Discriminator(_model_entry_kind)]
+UNION_TAGS = {"stage", "checkpoint", "path"}
+
+
 class EvaluateStage(BaseModel):
     """Evaluates models: perplexity on a preprocess stage's held-out split, multiple-choice tasks by
     log-likelihood, exact match on short generations; a comparison table in the run record."""
@@ -193,7 +207,7 @@ class EvaluateStage(BaseModel):
     REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"models": ("pretrain", "finetune"), "data": ("preprocess",)}
 
     kind: Literal["evaluate"]
-    models: list[str | ModelRef | LocalPath] = Field(min_length=1)
+    models: list[ModelEntry] = Field(min_length=1)
     """Training stages (their exports), {stage, step} checkpoints, or {path: HF_DIR} directories."""
     data: str | None = None
     """A preprocess stage: perplexity on its validation split."""
@@ -208,21 +222,6 @@ class EvaluateStage(BaseModel):
     use_gpu: bool = False
     """Evaluate on one GPU."""
 
-    @field_validator("models", mode="before")
-    @classmethod
-    def _model_refs(cls, value):
-        if not isinstance(value, list):
-            return value
-        out = []
-        for item in value:
-            if isinstance(item, dict) and "path" in item:
-                out.append(LocalPath.model_validate(item))
-            elif isinstance(item, dict):
-                out.append(ModelRef.model_validate(item))
-            else:
-                out.append(item)
-        return out
-
     @model_validator(mode="after")
     def _something_to_measure(self):
         if self.data is None and not self.tasks:
@@ -230,10 +229,22 @@ class EvaluateStage(BaseModel):
         names = [t.name for t in self.tasks]
         if len(set(names)) < len(names):
             raise ValueError(f"task names must differ: {names}")
+        labels = [model_label(m) for m in self.models]
+        if len(set(labels)) < len(labels):
+            raise ValueError(f"two models would share a results label: {labels}; rename a directory or list each model once")
         return self
 
     def bundles(self) -> list[dict[str, float]]:
         return [{"CPU": self.cpus, **({"GPU": 1.0} if self.use_gpu else {})}]
+
+
+def model_label(ref) -> str:
+    """How an evaluated model is named in results: `stage`, `stage@step`, or a directory's name."""
+    if isinstance(ref, ModelRef):
+        return f"{ref.stage}@{ref.step}"
+    if isinstance(ref, LocalPath):
+        return os.path.basename(os.path.abspath(ref.path))
+    return ref
 
 
 Stage = Annotated[Union[TokenizerStage, PreprocessStage, PretrainStage, FinetuneStage, EvaluateStage],
@@ -367,6 +378,14 @@ def _cross_stage_problems(stages: dict[str, BaseModel]) -> list[str]:
         if isinstance(stage, FinetuneStage) and stage.task and positions is not None and stage.task.seq_len > positions:
             problems.append(f"stages.{name}.task.seq_len: {stage.task.seq_len} exceeds the model's "
                             f"max_position_embeddings {positions}; shorten it")
+        if isinstance(stage, EvaluateStage) and isinstance(data, PreprocessStage):
+            targets = {ref.stage if isinstance(ref, ModelRef) else ref for ref in stage.models} - {None}
+            short = sorted(f"{t} ({_max_positions(stages, t)})" for t in targets if isinstance(t, str)
+                           and (_max_positions(stages, t) or data.seq_len) < data.seq_len)
+            if short:
+                problems.append(f"stages.{name}.data: stages.{stage.data}.seq_len {data.seq_len} exceeds the "
+                                f"max_position_embeddings of {', '.join(short)}; evaluate on a preprocess stage "
+                                "with shorter sequences")
         problems += _checkpoint_problems(stages, name, stage)
         problems += _task_file_problems(name, stage)
     return problems
@@ -498,7 +517,11 @@ def _describe(err: dict) -> str:
     model = _model_at(loc)
     if len(loc) >= 3 and loc[0] == "stages" and loc[2] in KINDS:
         del loc[2]  # pydantic's discriminator tag: noise in a path the user reads
-    path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[") or "<top>"
+    tags = [p for i, p in enumerate(loc) if p in UNION_TAGS and i > 0 and isinstance(loc[i - 1], int)]
+    loc = [p for i, p in enumerate(loc) if not (p in UNION_TAGS and i > 0 and isinstance(loc[i - 1], int))]
+    if tags == ["stage"] and err["type"] == "string_type":
+        return f"{_path(loc)}: give a training stage's name, {{stage: NAME, step: N}} or {{path: DIR}} (got {err.get('input')!r})"
+    path = _path(loc)
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
         fields = sorted(f for f in model.model_fields) if model else []
@@ -516,6 +539,10 @@ def _describe(err: dict) -> str:
     return f"{path}: {message}{shown}"
 
 
+def _path(loc: list) -> str:
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[") or "<top>"
+
+
 def _model_at(loc: list) -> type[BaseModel] | None:
     """The model class that holds the last element of `loc` (for listing its valid fields)."""
     model: type[BaseModel] | None = PipelineSpec
@@ -524,6 +551,13 @@ def _model_at(loc: list) -> type[BaseModel] | None:
         if model is PipelineSpec and loc[i] == "stages":
             model = KINDS.get(loc[i + 2]) if len(loc) > i + 3 else None
             i += 3
+            continue
+        if isinstance(loc[i], int):  # a list index: the same model
+            i += 1
+            continue
+        if loc[i] in UNION_TAGS:  # the member of a tagged union that was validated
+            model = {"checkpoint": ModelRef, "path": LocalPath}.get(loc[i])
+            i += 1
             continue
         field = model.model_fields.get(loc[i])
         model = _first_model(field.annotation) if field else None
@@ -534,8 +568,9 @@ def _model_at(loc: list) -> type[BaseModel] | None:
 def _first_model(annotation) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    if typing.get_origin(annotation) in (Union, types.UnionType):
+    if typing.get_origin(annotation) in (Union, types.UnionType, list, typing.Annotated):
         for arg in typing.get_args(annotation):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                return arg
+            found = _first_model(arg)
+            if found:
+                return found
     return None

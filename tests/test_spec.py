@@ -45,7 +45,7 @@ def test_demo_spec_parses():
     assert isinstance(spec, PipelineSpec)
     assert spec.name == "demo"
     assert spec.storage == "file://./.orchestrator"
-    assert set(spec.stages) == {"tok", "corpus"}
+    assert set(spec.stages) == {"tok", "corpus", "pretrain", "sft_plurals", "sft_colors", "eval"}
     tok, corpus = spec.stages["tok"], spec.stages["corpus"]
     assert tok.kind == "tokenizer" and tok.vocab_size == 4096
     assert tok.source.paths == ["examples/data/*.jsonl"] and tok.source.format == "jsonl"
@@ -56,7 +56,7 @@ def test_demo_spec_parses():
     # The DAG comes from the references: the tokenizer before the corpus that uses it.
     assert spec.upstream("corpus") == {"tokenizer": "tok"}
     assert spec.upstream("tok") == {}
-    assert spec.topological_order() == ["tok", "corpus"]
+    assert spec.topological_order()[:2] == ["tok", "corpus"] and spec.topological_order()[-1] == "eval"
 
 
 def test_spec_hash_ignores_storage_and_key_order():

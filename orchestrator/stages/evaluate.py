@@ -18,7 +18,7 @@ from jobs.data import PackedTokens
 from jobs.evaluate import TaskSpec, evaluate_model
 from jobs.storage import open_storage
 from orchestrator.console import evaluation_summary
-from orchestrator.spec import LocalPath, ModelRef
+from orchestrator.spec import ModelRef, model_label
 from orchestrator.stages import StageContext, StageOutput
 from orchestrator.stages.model_inputs import resolve_model
 
@@ -47,14 +47,6 @@ def run(ctx: StageContext) -> StageOutput:
         files[f"results/{label}.json"] = bytes_entry(body)
         ctx.console.line(f"{label}: {evaluation_summary(results[label])}")
     return StageOutput(files, {"results": results})
-
-
-def model_label(ref) -> str:
-    if isinstance(ref, ModelRef):
-        return f"{ref.stage}@{ref.step}"
-    if isinstance(ref, LocalPath):
-        return os.path.basename(os.path.normpath(ref.path))
-    return ref
 
 
 @ray.remote
