@@ -104,7 +104,10 @@ class _Runner:
             while waiting or running:
                 for p in list(waiting):
                     need = resources.total(bundles[p.name])
-                    ready = set(p.upstream.values()) <= succeeded
+                    beside = getattr(p.spec, "BESIDE", set())
+                    after = {ref for f, ref in p.upstream.items() if f not in beside}
+                    started = succeeded | {q.name for q in running.values()}
+                    ready = after <= succeeded and {ref for f, ref in p.upstream.items() if f in beside} <= started
                     if not errors and ready and resources.fits(need, free):
                         free = resources.subtract(free, need)
                         running[pool.submit(self._run_stage, p)] = p
@@ -124,6 +127,9 @@ class _Runner:
         if errors:
             raise errors[0]
 
+    def _is_running(self, name: str) -> bool:
+        return self.record.stages[name].status == "running"
+
     def _run_stage(self, p: PlannedStage) -> None:
         stage = self.record.stages[p.name]
         out = self.storage.sub(p.key)
@@ -140,7 +146,8 @@ class _Runner:
             stage_log.write(f"start {p.kind} -> {p.uri} ({p.reason}), attempt {stage.attempts}")
             console = StageConsole(self.console, p.name, stage_log.write)
             try:
-                output = executor(p.kind)(StageContext(p.name, p.hash, p.spec, out, p.upstream_uris, console))
+                context = StageContext(p.name, p.hash, p.spec, out, p.upstream_uris, console, self._is_running)
+                output = executor(p.kind)(context)
                 stage.attempts += output.attempts - 1
                 meta = {"stage": p.name, "kind": p.kind, "hash": p.hash, "inputs": p.inputs, "metrics": output.metrics}
                 if not write_commit(out, COMMIT_FILE, output.files, meta) and verify_commit(out, COMMIT_FILE):

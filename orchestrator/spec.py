@@ -204,11 +204,15 @@ class EvaluateStage(BaseModel):
     log-likelihood, exact match on short generations; a comparison table in the run record."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"models": ("pretrain", "finetune"), "data": ("preprocess",)}
+    REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"models": ("pretrain", "finetune"), "data": ("preprocess",),
+                                                        "follow": ("pretrain", "finetune")}
+    BESIDE: ClassVar[set[str]] = {"follow"}  # references that let this stage start while the other one runs
 
     kind: Literal["evaluate"]
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] = []
     """Training stages (their exports), {stage, step} checkpoints, or {path: HF_DIR} directories."""
+    follow: str | None = None
+    """A training stage whose every checkpoint is evaluated as it gets committed, while it trains."""
     data: str | None = None
     """A preprocess stage: perplexity on its validation split."""
     tasks: list[TaskSpec] = []
@@ -226,6 +230,8 @@ class EvaluateStage(BaseModel):
     def _something_to_measure(self):
         if self.data is None and not self.tasks:
             raise ValueError("nothing to evaluate: give `data` (perplexity) and/or `tasks`")
+        if not self.models and self.follow is None:
+            raise ValueError("no model to evaluate: give `models` and/or `follow` (a training stage)")
         names = [t.name for t in self.tasks]
         if len(set(names)) < len(names):
             raise ValueError(f"task names must differ: {names}")
@@ -379,7 +385,7 @@ def _cross_stage_problems(stages: dict[str, BaseModel]) -> list[str]:
             problems.append(f"stages.{name}.task.seq_len: {stage.task.seq_len} exceeds the model's "
                             f"max_position_embeddings {positions}; shorten it")
         if isinstance(stage, EvaluateStage) and isinstance(data, PreprocessStage):
-            targets = {ref.stage if isinstance(ref, ModelRef) else ref for ref in stage.models} - {None}
+            targets = {ref.stage if isinstance(ref, ModelRef) else ref for ref in stage.models} | {stage.follow}
             short = sorted(f"{t} ({_max_positions(stages, t)})" for t in targets if isinstance(t, str)
                            and (_max_positions(stages, t) or data.seq_len) < data.seq_len)
             if short:

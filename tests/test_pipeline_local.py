@@ -149,3 +149,36 @@ def test_a_driver_killed_mid_pretraining_resumes_under_the_same_run_id(s3_bucket
     assert stage.attempts == 2 and stage.metrics["resumed_from"] >= 10
     assert resumed.stages["tok"].cached and resumed.stages["corpus"].cached
     assert committed_steps(open_storage(stage.output_uri).sub("ckpt"))[0][0] == 60
+
+
+def test_evaluation_follows_training_and_continued_pretraining_starts_from_a_checkpoint(s3_bucket, start_ray):
+    source = {"paths": [os.path.join(REPO, "examples", "data", "*.jsonl")], "format": "jsonl"}
+    spec = json.dumps({"name": "follow", "storage": f"{s3_bucket}/follow", "stages": {
+        "tok": {"kind": "tokenizer", "source": source, "vocab_size": 1024, "sample_mb": 0.5},
+        "corpus": {"kind": "preprocess", "source": source, "tokenizer": "tok", "seq_len": 64, "shard_mb": 1},
+        "pretrain": {"kind": "pretrain", "data": "corpus", "steps": 30, "checkpoint_every": 10, "keep_last": 3,
+                     "micro_batch": 8, "lr": 0.003, "warmup_steps": 2, "num_workers": 1,
+                     "model": {"preset": "tiny", "max_position_embeddings": 64}},
+        "watch": {"kind": "evaluate", "follow": "pretrain", "data": "corpus", "max_val_sequences": 16},
+        "more": {"kind": "finetune", "init": "pretrain", "init_step": 20, "data": "corpus", "steps": 10,
+                 "log_every": 5, "checkpoint_every": 10, "micro_batch": 8, "num_workers": 1},
+    }})
+    start_ray()
+    record = run(spec)
+    watch, pretrain = record.stages["watch"], record.stages["pretrain"]
+    assert record.status == "succeeded"
+    assert watch.started_at < pretrain.finished_at  # it ran beside training (1 CPU each on 2)
+    results = watch.metrics["results"]
+    assert set(results) == {"pretrain@10", "pretrain@20", "pretrain@30"}
+    perplexity = [results[f"pretrain@{step}"]["perplexity"]["perplexity"] for step in (10, 20, 30)]
+    assert perplexity[2] < perplexity[0]
+
+    # Continued pretraining from the step-20 checkpoint (exported for it): it starts where that
+    # checkpoint was, below pretraining's mean loss over steps 11-20 (a fresh model starts at
+    # about ln(vocab_size)).
+    more = record.stages["more"]
+    assert open_storage(more.output_uri).exists("init/model.safetensors")
+    first_loss = more.metrics["loss_history"][0][1]
+    assert pretrain.metrics["loss_history"][1][0] == 20
+    assert first_loss < pretrain.metrics["loss_history"][1][1]
+    assert math.isfinite(more.metrics["final_loss"])

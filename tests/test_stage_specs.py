@@ -321,7 +321,7 @@ def test_evaluate_data_longer_than_a_models_positions_is_reported_at_validate(fi
 def test_evaluate_empty_models(files):
     problems = _problems(_pipeline(files, eval=_eval(files, models=[])))
     assert len(problems) == 1, problems
-    assert "at least 1" in _one_problem_starting(problems, "stages.eval.models")
+    assert "`models` and/or `follow`" in _one_problem_starting(problems, "stages.eval")
 
 
 def test_evaluate_with_nothing_to_measure(files):

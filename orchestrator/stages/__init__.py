@@ -5,6 +5,7 @@ caching, retries and records are the runner's, not the stage's."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from jobs.commit import FileEntry
 from jobs.storage import Storage
@@ -19,6 +20,7 @@ class StageContext:
     out: Storage  # the stage's output directory
     inputs: dict[str, str]  # reference field -> the referenced stage's output URI
     console: Console
+    is_running: Callable[[str], bool] = lambda stage: False  # whether another stage of this run is running now
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The evaluate stage: every model of `models` on the same measures, one Ray task per model.
+"""The evaluate stage: every model of `models` on the same measures, one Ray task per model;
+with `follow`, also every checkpoint of a training stage, as it gets committed, while it trains.
 
 Task files and the starting models live on the driver's disk or in storage; the stage copies the
 task files into its own output first so that a task on any node reads them. Each model's results
@@ -10,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 
 import ray
 
+from jobs.checkpoint import committed_steps
 from jobs.commit import FileEntry, bytes_entry, file_entry
 from jobs.data import PackedTokens
 from jobs.evaluate import TaskSpec, evaluate_model
@@ -21,6 +24,8 @@ from orchestrator.console import evaluation_summary
 from orchestrator.spec import ModelRef, model_label
 from orchestrator.stages import StageContext, StageOutput
 from orchestrator.stages.model_inputs import resolve_model
+
+_FOLLOW_POLL_S = 2.0
 
 
 def run(ctx: StageContext) -> StageOutput:
@@ -32,12 +37,13 @@ def run(ctx: StageContext) -> StageOutput:
             ctx.out.upload_file(task.path, f"tasks/{task.name}.jsonl")
             files[f"tasks/{task.name}.jsonl"] = file_entry(task.path)
         tasks_uri = ctx.out.url("tasks")
-    results = {}
-    for i, ref in enumerate(spec.models):
+    results: dict[str, dict] = {}
+
+    def evaluate(ref, stage_uri: str | None) -> None:
         label = model_label(ref)
         ctx.console.line(f"evaluating {label}")
         step = ref.step if isinstance(ref, ModelRef) else None
-        model_uri, staged = resolve_model(ctx.out, ref, ctx.inputs.get(f"models[{i}]"), step, f"models/{label}")
+        model_uri, staged = resolve_model(ctx.out, ref, stage_uri, step, f"models/{label}")
         files.update(staged)
         options = {"num_cpus": spec.cpus, "num_gpus": 1 if spec.use_gpu else 0}
         results[label] = ray.get(_evaluate.options(**options).remote(
@@ -46,7 +52,31 @@ def run(ctx: StageContext) -> StageOutput:
         ctx.out.write_bytes(f"results/{label}.json", body)
         files[f"results/{label}.json"] = bytes_entry(body)
         ctx.console.line(f"{label}: {evaluation_summary(results[label])}")
+
+    if spec.follow:
+        _follow(ctx, evaluate)
+    for i, ref in enumerate(spec.models):
+        evaluate(ref, ctx.inputs.get(f"models[{i}]"))
     return StageOutput(files, {"results": results})
+
+
+def _follow(ctx: StageContext, evaluate) -> None:
+    """Evaluate each checkpoint of the followed stage once it is committed, until that stage has
+    ended and every checkpoint it kept has been evaluated."""
+    name, stage_uri = ctx.spec.follow, ctx.inputs["follow"]
+    ckpt = open_storage(stage_uri).sub("ckpt")
+    done: set[int] = set()
+    while True:
+        running = ctx.is_running(name)  # read before listing: a final checkpoint is never missed
+        for step in sorted(set(committed_steps(ckpt)[0]) - done):
+            done.add(step)
+            try:
+                evaluate(ModelRef(stage=name, step=step), stage_uri)
+            except ValueError as e:  # retention deleted it while we were on another one
+                ctx.console.line(f"skipped {name}@{step}: {e}")
+        if not running:
+            return
+        time.sleep(_FOLLOW_POLL_S)
 
 
 @ray.remote
