@@ -1,9 +1,10 @@
 """Training checkpoints in storage, committed: `ckpt/step-<N:08d>/...` + `COMMIT.json`.
 
 Saving (every rank): DeepSpeed writes this rank's files to a rank-local directory, then a
-background thread uploads them and leaves a marker `_ranks/rank-<r>.json` listing them; rank 0's
-thread waits for every rank's marker, then writes `COMMIT.json` (all files with sizes and
-checksums, the step, the data position, the config hash) create-only, and applies retention.
+background thread uploads them (then deletes them, uploaded or not) and leaves a marker
+`_ranks/rank-<r>.json` listing them; rank 0's thread waits for every rank's marker, then writes
+`COMMIT.json` (all files with sizes and checksums, the step, the data position, the config hash)
+create-only, and applies retention.
 Training goes on while that happens; at most one upload is in flight (the next save waits).
 
 Resuming: rank 0 lists the steps whose commits verify (sizes), newest first; for each
@@ -14,6 +15,7 @@ rank alike and the previous one is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +24,8 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 from jobs.commit import FileEntry, file_entry, read_commit, verify_commit, write_commit
 from jobs.storage import Storage
@@ -49,15 +53,20 @@ class CheckpointWriter:
 
     def save(self, engine, step: int, client_state: dict, meta: dict, extra_files: dict[str, str]) -> None:
         """Collective: every rank calls it at the same step. `extra_files` (name -> local path)
-        are added by rank 0, e.g. the model config and the tokenizer, so a checkpoint exports alone."""
+        are added by rank 0, e.g. the model config and the tokenizer, so a checkpoint exports alone.
+
+        DeepSpeed writes this rank's files under `local_dir` (the part that blocks training), with
+        torch.save's zip CRC32 turned off: see `_without_zip_crc32`."""
         self.wait()
         tag = step_key(step)
-        shutil.rmtree(os.path.join(self.local_dir, tag), ignore_errors=True)
-        engine.save_checkpoint(self.local_dir, tag=tag, client_state=client_state, save_latest=False)
-        files = _local_files(os.path.join(self.local_dir, tag))
+        staged = os.path.join(self.local_dir, tag)
+        shutil.rmtree(staged, ignore_errors=True)
+        with _without_zip_crc32():
+            engine.save_checkpoint(self.local_dir, tag=tag, client_state=client_state, save_latest=False)
+        files = _local_files(staged)
         if self.rank == 0:
             files.update(extra_files)
-        self._upload = threading.Thread(target=self._upload_and_commit, args=(step, files, meta),
+        self._upload = threading.Thread(target=self._upload_and_commit, args=(step, files, meta, staged),
                                         name=f"checkpoint-upload-{step}", daemon=True)
         self._upload.start()
 
@@ -70,19 +79,24 @@ class CheckpointWriter:
             error, self._error = self._error, None
             raise RuntimeError("checkpoint upload failed") from error
 
-    def _upload_and_commit(self, step: int, files: dict[str, str], meta: dict) -> None:
+    def _upload_and_commit(self, step: int, files: dict[str, str], meta: dict, staged: str) -> None:
+        """Upload `files`, leave this rank's marker, delete `staged` (what save() wrote); on rank 0,
+        then commit and apply retention."""
         try:
             step_dir = self.ckpt.sub(step_key(step))
             entries = {}
-            # Hash each file while it uploads (the second read comes from the page cache).
-            with ThreadPoolExecutor(max_workers=1) as uploader:
-                for name, path in sorted(files.items()):
-                    upload = uploader.submit(step_dir.upload_file, path, name)
-                    entries[name] = file_entry(path)
-                    upload.result()
+            try:
+                # Hash each file while it uploads (the second read comes from the page cache).
+                with ThreadPoolExecutor(max_workers=1) as uploader:
+                    for name, path in sorted(files.items()):
+                        upload = uploader.submit(step_dir.upload_file, path, name)
+                        entries[name] = file_entry(path)
+                        upload.result()
+            finally:
+                # Failed too: nothing retries from these files (the next save writes its own).
+                shutil.rmtree(staged, ignore_errors=True)
             marker = {name: {"size": e.size, "sha256": e.sha256} for name, e in entries.items()}
             step_dir.write_bytes(f"_ranks/rank-{self.rank:05d}.json", json.dumps(marker).encode())
-            shutil.rmtree(os.path.join(self.local_dir, step_key(step)), ignore_errors=True)
             if self.rank == 0:
                 self._commit(step_dir, step, meta)
                 apply_retention(self.ckpt, self.keep_last, self.keep_every)
@@ -102,6 +116,20 @@ class CheckpointWriter:
                 entries[name] = FileEntry(e["size"], e["sha256"])
         if not write_commit(step_dir, COMMIT, entries, {"step": step, **meta}):
             raise RuntimeError(f"{step_dir.url(COMMIT)} exists already: an earlier attempt's step was not discarded")
+
+
+@contextlib.contextmanager
+def _without_zip_crc32():
+    """torch.save without the CRC32 of every zip record: it took about half of a save's time (a
+    DeepSpeed save of 220 MB on 2 cores: 0.15 s with it, 0.09 s without), and the commit's sha256
+    of every file, checked on every download, guards the content already: torch.load ignores the
+    CRC (a flipped byte loads silently with or without it)."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 def _local_files(directory: str) -> dict[str, str]:

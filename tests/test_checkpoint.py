@@ -9,6 +9,7 @@ import os
 import threading
 
 import pytest
+import torch
 
 import jobs.checkpoint as checkpoint
 from jobs.checkpoint import (COMMIT, CheckpointWriter, apply_retention, committed_steps, discard_after,
@@ -274,6 +275,7 @@ class FakeEngine:
     def __init__(self, rank: int, version: str = "a"):
         self.rank, self.version = rank, version
         self.calls: list[tuple] = []
+        self.crc32_while_saving: list[bool] = []
 
     def contents(self, step: int) -> dict[str, bytes]:
         files = {_zero(self.rank): f"optimizer of rank {self.rank} at step {step} ({self.version})\n".encode() * 20}
@@ -283,6 +285,7 @@ class FakeEngine:
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         self.calls.append((save_dir, tag, client_state, save_latest))
+        self.crc32_while_saving.append(torch.serialization.get_crc32_options())
         directory = os.path.join(save_dir, tag)
         os.makedirs(directory, exist_ok=True)
         step = client_state["step"]
@@ -331,6 +334,8 @@ def test_writer_commits_a_step_once_every_rank_uploaded(ckpt, tmp_path, extras, 
         assert tag == step_key(5) and client_state == {"step": 5} and save_latest is False
         assert save_dir == str(tmp_path / "local" / f"rank-{rank}")
         assert not os.path.exists(os.path.join(save_dir, tag))  # the local copy is removed once uploaded
+        assert engine.crc32_while_saving == [False]  # the commit's sha256 guards the files instead
+    assert torch.serialization.get_crc32_options() is True  # and torch.save's default is back
     # and every rank can resume from it
     for rank in (0, 1):
         root, _ = fetch_for_rank(ckpt, 5, rank, str(tmp_path / "resume"))
@@ -377,6 +382,8 @@ def test_a_failing_upload_surfaces_from_wait(tmp_path, extras):
         writer.wait()
     assert isinstance(info.value.__cause__, OSError) and "No space left" in str(info.value.__cause__)
     assert committed_steps(ckpt)[0] == []
+    # the local copy is gone all the same: nothing retries from it
+    assert os.listdir(tmp_path / "local" / "rank-0") == []
 
 
 def test_a_failing_upload_surfaces_from_the_next_save_before_it_saves(tmp_path, extras):
