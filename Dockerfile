@@ -1,7 +1,7 @@
 # The project's image. Every Ray node runs it (head, GPU workers, KubeRay's job submitter), so the
 # pipeline's driver and its workers import the same code. Build and push: cluster/README.md.
 #
-# Ray and Python come from the base image and must match pyproject.toml (the ray[train] pin and
+# Ray and Python come from the base image and must match pyproject.toml (the ray pin and
 # requires-python); tests/test_cluster_configs.py checks both. The GPU variant also runs on CPU-only
 # nodes, so one image serves the head and the workers. It runs as the base image's `ray` user.
 FROM rayproject/ray:2.60.0-py311-gpu

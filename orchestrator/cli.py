@@ -1,4 +1,7 @@
-"""The `orchestrator` command. Exit codes (a contract): 0 ok, 1 the run failed, 2 bad input."""
+"""The `orchestrator` command. Exit codes (a contract): 0 ok, 1 the run failed, 2 bad input.
+
+A cluster that cannot be reached or refuses the token is bad input too (exit 2): nothing ran, and
+the fix is the address, the tunnel or the token."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -15,6 +19,8 @@ from orchestrator.errors import UserError
 from orchestrator.spec import PipelineSpec, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+DEFAULT_STORAGE = "file://./.orchestrator"
+DASHBOARD = "the Ray cluster's dashboard URL, e.g. http://127.0.0.1:8265"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,20 +53,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     p.set_defaults(command=_run)
 
+    p = sub.add_parser("submit", help="run the pipeline's driver on a Ray cluster as a Ray job; prints the run id")
+    p.add_argument("spec")
+    p.add_argument("--address", required=True, help=DASHBOARD)
+    p.add_argument("--run-id", help="the run id, also the job's submission id (default: a new one)")
+    p.add_argument("--storage", help="storage root the cluster writes to (s3://bucket/prefix, or an absolute "
+                                     "file:// directory the nodes share); overrides the file's")
+    p.set_defaults(command=_submit)
+
     p = sub.add_parser("export", help="a committed checkpoint, or a run's last one, as a Hugging Face model")
     p.add_argument("source", metavar="CHECKPOINT_OR_RUN",
                    help="a checkpoint URI (.../ckpt/step-N), a training stage's output URI, or a run id")
     p.add_argument("--out", required=True, help="the directory to write (safetensors, config, tokenizer)")
-    p.add_argument("--storage", default="file://./.orchestrator", help="storage root for a run id (default: %(default)s)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root for a run id (default: %(default)s)")
     p.set_defaults(command=_export)
 
-    p = sub.add_parser("runs", help="list the runs kept in storage")
-    p.add_argument("--storage", default="file://./.orchestrator", help="storage root (default: %(default)s)")
+    job_storage = f"storage root (default: the submitted job's, else {DEFAULT_STORAGE})"
+    p = sub.add_parser("runs", help="list the runs kept in storage, or submitted to a cluster")
+    p.add_argument("--storage", help=f"storage root (default: {DEFAULT_STORAGE}; with --address, "
+                                     "only the records of the cluster's jobs)")
+    p.add_argument("--address", help=f"also list the runs submitted to this cluster, with Ray's status: {DASHBOARD}")
     p.set_defaults(command=_runs)
 
     p = sub.add_parser("status", help="one run's record")
     p.add_argument("run_id")
-    p.add_argument("--storage", default="file://./.orchestrator", help="storage root (default: %(default)s)")
+    p.add_argument("--storage", help=job_storage)
+    p.add_argument("--address", help=f"also show the Ray job's status: {DASHBOARD}")
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
     p.set_defaults(command=_status)
 
@@ -68,12 +86,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     p.add_argument("--stage", help="only this stage's log")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the run ends")
-    p.add_argument("--storage", default="file://./.orchestrator", help="storage root (default: %(default)s)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: %(default)s)")
+    p.add_argument("--address", help=f"the driver's output as Ray keeps it (`ray job logs`) instead: {DASHBOARD}")
     p.set_defaults(command=_logs)
+
+    p = sub.add_parser("stop", help="stop a submitted run: Ray stops its driver, the record says stopped")
+    p.add_argument("run_id")
+    p.add_argument("--address", required=True, help=DASHBOARD)
+    p.add_argument("--storage", help=job_storage)
+    p.set_defaults(command=_stop)
 
     p = sub.add_parser("report", help="write (or refresh) a run's report: stages, loss curves, evaluation, models")
     p.add_argument("run_id")
-    p.add_argument("--storage", default="file://./.orchestrator", help="storage root (default: %(default)s)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: %(default)s)")
     p.set_defaults(command=_report)
     return parser
 
@@ -118,11 +143,19 @@ def _run(args) -> int:
     log_path = _log_to_file(run_id)
     console = Console()
     try:
+        _stop_on_sigterm()  # ray_runtime.connect keeps it across ray.init
         record = run_pipeline(spec, storage, run_id=run_id, address=args.address, console=console)
     except UserError:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("stopped", file=sys.stderr)
+        if isinstance(e, _Terminated):
+            # The record says stopped. Stage threads still running would hold the process until
+            # they end (or until Ray's SIGKILL, 3 s on): leave now.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_FAILED)
         return EXIT_FAILED
     except Exception as e:  # the traceback is in the log file; the terminal gets one line
         print(f"run failed: {type(e).__name__}: {e}\nsee {log_path}", file=sys.stderr)
@@ -131,21 +164,86 @@ def _run(args) -> int:
     return EXIT_OK
 
 
-def _runs(args) -> int:
-    from orchestrator.records import list_records
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be."""
 
-    for r in list_records(_storage(None, args.storage)):
-        done = sum(s.status == "succeeded" for s in r.stages.values())
-        print(f"{r.run_id:<40} {r.pipeline:<16} {r.status:<10} {done}/{len(r.stages)} stages")
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (Ray's stop_job, `kill`, a container stopping) stops the run as Ctrl-C does: the
+    runner marks the record and its running stages stopped. A second SIGTERM is not caught."""
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _submit(args) -> int:
+    from orchestrator import submit
+    from orchestrator.records import new_run_id, validate_run_id
+
+    # Everything that can be checked here is, before the cluster is contacted.
+    spec = load_spec(args.spec)
+    storage_uri = submit.storage_for_cluster(args.storage or spec.storage)
+    run_id = validate_run_id(args.run_id) if args.run_id else new_run_id(spec.name)
+    files = submit.files_to_ship(spec)
+    client = submit.open_client(args.address)
+    started, job = submit.submit(client, args.spec, spec, files, run_id, storage_uri)
+    print(run_id)
+    if started:
+        print(f"submitted as Ray job {run_id} ({job.status}) with {len(files)} input file(s); records in {storage_uri}\n"
+              f"follow it: orchestrator logs {run_id} -f --address {args.address}", file=sys.stderr)
+    else:
+        print(f"run {run_id} is already a Ray job on {args.address}: {job.status}; nothing submitted", file=sys.stderr)
     return EXIT_OK
 
 
+def _runs(args) -> int:
+    from orchestrator import submit
+    from orchestrator.records import list_records, load_record
+
+    jobs = {job.submission_id: job for job in submit.pipeline_jobs(submit.open_client(args.address))} if args.address else {}
+    if args.storage or not args.address:
+        for r in list_records(_storage(None, args.storage or DEFAULT_STORAGE)):
+            print(_run_line(r.run_id, r.pipeline, r, jobs.pop(r.run_id, None), bool(args.address)))
+    storages = {}
+    for run_id, job in jobs.items():  # each submitted run's record, from the storage it was given
+        uri = submit.job_storage(job)
+        if uri not in storages:
+            storages[uri] = _storage(None, uri)
+        print(_run_line(run_id, job.metadata[submit.PIPELINE_KEY], load_record(storages[uri], run_id), job, True))
+    return EXIT_OK
+
+
+def _run_line(run_id: str, pipeline: str, record, job, with_job: bool) -> str:
+    status, stages = ("-", "-") if record is None else (
+        record.status, f"{sum(s.status == 'succeeded' for s in record.stages.values())}/{len(record.stages)}")
+    line = f"{run_id:<40} {pipeline:<16} {status:<10} {stages} stages"
+    return line + (f"  ray job: {job.status if job else '-'}" if with_job else "")
+
+
 def _status(args) -> int:
+    from orchestrator import submit
+    from orchestrator.records import load_record
     from orchestrator.report import format_duration, format_time, stage_rows
 
-    record = _load_run(_storage(None, args.storage), args.run_id)
+    job = submit.find_job(submit.open_client(args.address), args.run_id) if args.address else None
+    storage = _storage(None, args.storage or (submit.job_storage(job) if job else None) or DEFAULT_STORAGE)
+    # A submitted job has no record until its driver has started.
+    record = load_record(storage, args.run_id) if job else _load_run(storage, args.run_id)
     if args.json:
-        print(record.model_dump_json(indent=2))
+        if not args.address:
+            print(record.model_dump_json(indent=2))
+            return EXIT_OK
+        out = record.model_dump(mode="json") if record else {"run_id": args.run_id}
+        out["ray_job"] = submit.job_summary(job) if job else None
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    if args.address:
+        print(f"ray job {args.run_id}: {job.status}, {job.message}" if job else
+              f"ray job {args.run_id}: none on the cluster at {args.address}")
+    if record is None:
+        print(f"no run record (yet) at {storage.url(f'runs/{args.run_id}/run.json')}")
         return EXIT_OK
     elapsed = (record.finished_at or time.time()) - record.started_at
     print(f"run {record.run_id} ({record.pipeline}): {record.status}, driver attempt {record.attempts}, "
@@ -164,6 +262,8 @@ def _status(args) -> int:
 def _logs(args) -> int:
     from orchestrator.stage_log import follow_log, read_log
 
+    if args.address:
+        return _job_logs(args)
     storage = _storage(None, args.storage)
     record = _load_run(storage, args.run_id)
     if args.stage is not None and args.stage not in record.stages:
@@ -182,6 +282,48 @@ def _logs(args) -> int:
             sys.stdout.flush()
     except KeyboardInterrupt:  # Ctrl-C ends following; the run itself goes on
         pass
+    return EXIT_OK
+
+
+def _job_logs(args) -> int:
+    from orchestrator import submit
+
+    if args.stage is not None:
+        raise UserError("--stage reads one stage's log from storage, --address the driver's output from Ray; "
+                        "give one of them")
+    client = submit.open_client(args.address)
+    submit.require_job(client, args.run_id, args.address)
+    if not args.follow:
+        sys.stdout.write(client.get_job_logs(args.run_id))
+        return EXIT_OK
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        status = submit.follow_job_logs(client, args.run_id, write)
+    except KeyboardInterrupt:  # Ctrl-C ends following; the job itself goes on
+        return EXIT_OK
+    print(f"ray job {args.run_id}: {status}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _stop(args) -> int:
+    from orchestrator import submit
+    from orchestrator.records import load_record
+
+    client = submit.open_client(args.address)
+    job = submit.require_job(client, args.run_id, args.address)
+    try:
+        was_running, status = submit.stop_job(client, job)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    storage = _storage(None, args.storage or submit.job_storage(job) or DEFAULT_STORAGE)
+    record = submit.mark_stopped(storage, args.run_id) if status == "STOPPED" else load_record(storage, args.run_id)
+    state = record.status if record else f"none at {storage.url(f'runs/{args.run_id}/run.json')}"
+    print(f"run {args.run_id}: Ray job {status}{'' if was_running else ' (it had already ended)'}; record: {state}")
     return EXIT_OK
 
 

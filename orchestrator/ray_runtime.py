@@ -8,6 +8,8 @@ out of the user's terminal; the path goes to the driver log. The embedded dashbo
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from typing import Callable, Sequence
 
 import ray
@@ -21,6 +23,7 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(
         address=address,
         dashboard_host="127.0.0.1",
@@ -28,6 +31,10 @@ def connect(address: str | None = None) -> None:
         logging_level=logging.ERROR,
         runtime_env={"env_vars": WORKER_ENV},
     )
+    if threading.current_thread() is threading.main_thread():
+        # ray.init installs a SIGTERM handler that exits at once; the caller's (the CLI marks the
+        # run record stopped) must survive it.
+        signal.signal(signal.SIGTERM, on_sigterm)
     log.info("connected to Ray %s (session logs: %s)", address or "embedded",
              ray._private.worker._global_node.get_session_dir_path() if ray._private.worker._global_node else "remote")
 
