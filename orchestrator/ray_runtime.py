@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import ray
@@ -39,13 +40,40 @@ def connect(address: str | None = None) -> None:
              ray._private.worker._global_node.get_session_dir_path() if ray._private.worker._global_node else "remote")
 
 
-def capacity() -> tuple[dict[str, float], list[dict[str, float]]]:
-    """(the cluster's schedulable resources, each alive node's), without Ray's bookkeeping keys."""
-    def schedulable(resources: dict) -> dict[str, float]:
-        return {k: v for k, v in resources.items()
+@dataclass
+class ClusterView:
+    total: dict[str, float]  # schedulable now
+    nodes: list[dict[str, float]]  # each alive node's
+    node_types: dict[str, dict[str, float]] = field(default_factory=dict)  # what the autoscaler can add
+    most: dict[str, float] | None = None  # what the autoscaler may scale the cluster to
+
+    @property
+    def autoscaling(self) -> bool:
+        return bool(self.node_types)
+
+
+def capacity() -> ClusterView:
+    """The cluster as the scheduler sees it, without Ray's bookkeeping keys; with its autoscaler's
+    node types when it has one (a cluster launched from a config, or KubeRay's)."""
+    from ray._private.state import state
+
+    def schedulable(resources) -> dict[str, float]:
+        return {k: float(v) for k, v in dict(resources).items()
                 if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
     nodes = [schedulable(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-    return schedulable(ray.cluster_resources()), nodes
+    config = state.get_cluster_config()
+    groups = [g for g in (config.node_group_configs if config else []) if g.max_count != 0]
+    node_types = {g.name: schedulable(g.resources) for g in groups}
+    most = state.get_max_resources_from_cluster_config() if node_types else None
+    return ClusterView(schedulable(ray.cluster_resources()), nodes, node_types, most)
+
+
+def request_resources(bundles: list[dict[str, float]]) -> None:
+    """Ask the autoscaler for exactly these bundles (it replaces the previous request; [] releases
+    it, so idle nodes can go away)."""
+    from ray.autoscaler.sdk import request_resources as request
+
+    request(bundles=bundles)
 
 
 def run_all(refs: Sequence[ray.ObjectRef], on_done: Callable[[], None]) -> list:

@@ -33,6 +33,7 @@ from orchestrator.stage_log import StageLog
 from orchestrator.stages import StageContext, executor
 
 log = logging.getLogger(__name__)
+_NODE_POLL_S = 5.0
 
 
 def run_pipeline(spec: PipelineSpec, storage: Storage, run_id: str | None = None, address: str | None = None,
@@ -49,7 +50,7 @@ def run_pipeline(spec: PipelineSpec, storage: Storage, run_id: str | None = None
         to_run = [p for p in plan if not p.cached]
         if to_run:
             ray_runtime.connect(address)
-            runner.run(to_run, *ray_runtime.capacity())
+            runner.run(to_run, ray_runtime.capacity())
         record.status = "succeeded"
     except KeyboardInterrupt:
         record.status = "stopped"
@@ -90,13 +91,15 @@ class _Runner:
         self.save()
         self.console.stage_finished(p.name, stage)
 
-    def run(self, to_run: list[PlannedStage], cluster: resources.Resources, nodes: list[resources.Resources]) -> None:
+    def run(self, to_run: list[PlannedStage], cluster: ray_runtime.ClusterView) -> None:
         bundles = {p.name: getattr(p.spec, "bundles", lambda: resources.DEFAULT_BUNDLES)() for p in to_run}
+        most = resources.ceiling(cluster.total, cluster.most)
         for p in to_run:
-            problem = resources.never_fits(p.name, bundles[p.name], cluster, nodes)
+            problem = resources.never_fits(p.name, bundles[p.name], most, cluster.nodes, cluster.node_types)
             if problem:
                 raise UserError(problem)
-        free, waiting, errors = dict(cluster), list(to_run), []
+        self.cluster = cluster
+        free, waiting, errors = most, list(to_run), []
         succeeded = {name for name, stage in self.record.stages.items() if stage.status == "succeeded"}
         running: dict[Future, PlannedStage] = {}
         pool = ThreadPoolExecutor(max_workers=len(to_run), thread_name_prefix="stage")
@@ -104,14 +107,11 @@ class _Runner:
             while waiting or running:
                 for p in list(waiting):
                     need = resources.total(bundles[p.name])
-                    beside = getattr(p.spec, "BESIDE", set())
-                    after = {ref for f, ref in p.upstream.items() if f not in beside}
-                    started = succeeded | {q.name for q in running.values()}
-                    ready = after <= succeeded and {ref for f, ref in p.upstream.items() if f in beside} <= started
-                    if not errors and ready and resources.fits(need, free):
+                    if not errors and _ready(p, succeeded, running.values()) and resources.fits(need, free):
                         free = resources.subtract(free, need)
-                        running[pool.submit(self._run_stage, p)] = p
+                        running[pool.submit(self._run_stage, p, need)] = p
                         waiting.remove(p)
+                        self._ask_autoscaler([b for q in running.values() for b in bundles[q.name]])
                 if not running:
                     break  # after a failure: what still waits needs a stage that did not succeed
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -122,15 +122,42 @@ class _Runner:
                         succeeded.add(p.name)
                     else:
                         errors.append(future.exception())
+                self._ask_autoscaler([b for q in running.values() for b in bundles[q.name]])
         finally:
             pool.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C, do not wait for running stages here
         if errors:
             raise errors[0]
 
+    def _ask_autoscaler(self, bundles: list[resources.Resources]) -> None:
+        """Exactly the running stages' bundles: nodes for a stage that starts, and none kept for one
+        that ended, so that GPU nodes scale back to zero once idle."""
+        if self.cluster.autoscaling:
+            ray_runtime.request_resources(bundles)
+
+    def _watch_nodes(self, need: resources.Resources, console: StageConsole) -> threading.Event:
+        """While a stage waits for the autoscaler's nodes, say how far they are; set the event to stop."""
+        done = threading.Event()
+        if not self.cluster.autoscaling or resources.fits(need, self.cluster.total):
+            return done
+
+        def watch() -> None:
+            last = None
+            while not done.wait(_NODE_POLL_S):
+                have = ray_runtime.capacity().total
+                if resources.fits(need, have):
+                    console.line(f"nodes are up: the cluster has {resources.describe(have)}")
+                    return
+                if have != last:
+                    console.line(f"waiting for nodes: the stage needs {resources.describe(need)}, "
+                                 f"the cluster has {resources.describe(have)}")
+                    last = have
+        threading.Thread(target=watch, name="watch-nodes", daemon=True).start()
+        return done
+
     def _is_running(self, name: str) -> bool:
         return self.record.stages[name].status == "running"
 
-    def _run_stage(self, p: PlannedStage) -> None:
+    def _run_stage(self, p: PlannedStage, need: resources.Resources) -> None:
         stage = self.record.stages[p.name]
         out = self.storage.sub(p.key)
         if out.exists(COMMIT_FILE):  # present but did not verify: move it out of the way to redo the stage
@@ -145,6 +172,7 @@ class _Runner:
         with StageLog(self.storage, self.record.run_id, p.name) as stage_log:
             stage_log.write(f"start {p.kind} -> {p.uri} ({p.reason}), attempt {stage.attempts}")
             console = StageConsole(self.console, p.name, stage_log.write)
+            nodes_up = self._watch_nodes(need, console)
             try:
                 context = StageContext(p.name, p.hash, p.spec, out, p.upstream_uris, console, self._is_running)
                 output = executor(p.kind)(context)
@@ -159,10 +187,18 @@ class _Runner:
                 stage_log.write(traceback.format_exc())
                 raise
             finally:
+                nodes_up.set()
                 stage.finished_at = time.time()
                 stage_log.write(f"end {stage.status} after {stage.finished_at - stage.started_at:.1f}s")
         self.save()
         self.console.stage_finished(p.name, stage)
+
+
+def _ready(p: PlannedStage, succeeded: set[str], running) -> bool:
+    """Every stage it reads has succeeded; a stage it runs beside (evaluate's `follow`) has started."""
+    beside = getattr(p.spec, "BESIDE", set())
+    started = succeeded | {q.name for q in running}
+    return all(ref in (started if field in beside else succeeded) for field, ref in p.upstream.items())
 
 
 def _start_record(spec: PipelineSpec, storage: Storage, run_id: str, plan: list[PlannedStage]) -> RunRecord:
