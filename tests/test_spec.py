@@ -12,6 +12,7 @@ import yaml
 from orchestrator.cli import main
 from orchestrator.errors import SpecError, UserError
 from orchestrator.spec import PipelineSpec, _find_cycle, load_spec, parse_spec
+from problems import one_problem_starting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "examples", "demo.yaml")
@@ -21,13 +22,6 @@ def _problems(text: str) -> list[str]:
     with pytest.raises(SpecError) as info:
         parse_spec(textwrap.dedent(text))
     return info.value.problems
-
-
-def _one_problem_starting(problems: list[str], path: str) -> str:
-    """The single problem whose field path is exactly `path`."""
-    hits = [p for p in problems if p.startswith(path + ": ")]
-    assert len(hits) == 1, f"expected one problem at {path!r}, got {hits} in {problems}"
-    return hits[0]
 
 
 def _valid(**stages) -> dict:
@@ -110,42 +104,42 @@ def test_many_mistakes_are_all_reported_at_once_with_field_paths():
     problems = _problems(MANY_MISTAKES)
 
     # unknown keys, with a did-you-mean and the valid fields (top level, stage level, nested)
-    top = _one_problem_starting(problems, "nme")
+    top = one_problem_starting(problems, "nme")
     assert "unknown field" in top and "did you mean 'name'?" in top
     assert "name, stages, storage" in top
-    stage_key = _one_problem_starting(problems, "stages.tok.vocab_sise")
+    stage_key = one_problem_starting(problems, "stages.tok.vocab_sise")
     assert "did you mean 'vocab_size'?" in stage_key and "min_frequency" in stage_key
-    nested = _one_problem_starting(problems, "stages.tok.source.text_feild")
+    nested = one_problem_starting(problems, "stages.tok.source.text_feild")
     assert "did you mean 'text_field'?" in nested and "format, paths, text_field" in nested
-    deeper = _one_problem_starting(problems, "stages.corpus.filters.min_char")
+    deeper = one_problem_starting(problems, "stages.corpus.filters.min_char")
     assert "did you mean 'min_chars'?" in deeper
 
     # wrong type
-    wrong_type = _one_problem_starting(problems, "stages.tok.min_frequency")
+    wrong_type = one_problem_starting(problems, "stages.tok.min_frequency")
     assert "valid integer" in wrong_type and "'lots'" in wrong_type
 
     # out-of-range values
-    vocab = _one_problem_starting(problems, "stages.big.vocab_size")
+    vocab = one_problem_starting(problems, "stages.big.vocab_size")
     assert "greater than or equal to 258" in vocab and "(got 10)" in vocab
-    seq = _one_problem_starting(problems, "stages.corpus.seq_len")
+    seq = one_problem_starting(problems, "stages.corpus.seq_len")
     assert "greater than or equal to 8" in seq and "(got 4)" in seq
 
     # unknown stage kind, with the choices
-    kind = _one_problem_starting(problems, "stages.train.kind")
+    kind = one_problem_starting(problems, "stages.train.kind")
     assert "'pretrian' is not a stage kind" in kind and "tokenizer, preprocess" in kind
 
     # references: to a missing stage, and to a stage of the wrong kind
-    missing = _one_problem_starting(problems, "stages.dangling.tokenizer")
+    missing = one_problem_starting(problems, "stages.dangling.tokenizer")
     assert "'nosuchstage' is not a stage" in missing and "tok" in missing
-    wrong = _one_problem_starting(problems, "stages.wrongkind.tokenizer")
+    wrong = one_problem_starting(problems, "stages.wrongkind.tokenizer")
     assert "'corpus' is a preprocess stage" in wrong and "tokenizer stage" in wrong
 
     # pipeline name, storage scheme and a stage name
-    name = _one_problem_starting(problems, "name")
+    name = one_problem_starting(problems, "name")
     assert "lowercase" in name and "'Bad_Name'" in name
-    storage = _one_problem_starting(problems, "storage")
+    storage = one_problem_starting(problems, "storage")
     assert "file://" in storage and "s3://" in storage and "'gs://bucket/x'" in storage
-    stage_name = _one_problem_starting(problems, "stages.Bad Stage")
+    stage_name = one_problem_starting(problems, "stages.Bad Stage")
     assert "invalid stage name" in stage_name
 
     assert len(problems) == 13, problems
@@ -182,8 +176,8 @@ def test_missing_required_field_and_missing_kind():
     problems = _problems(yaml.safe_dump(_valid(
         corpus={"kind": "preprocess", "source": {"paths": ["a.jsonl"]}},
         nokind={"source": {"paths": ["a.jsonl"]}})))
-    assert "required field missing" in _one_problem_starting(problems, "stages.corpus.tokenizer")
-    assert "missing `kind`" in _one_problem_starting(problems, "stages.nokind")
+    assert "required field missing" in one_problem_starting(problems, "stages.corpus.tokenizer")
+    assert "missing `kind`" in one_problem_starting(problems, "stages.nokind")
 
 
 @pytest.mark.parametrize("name", ["demo", "nightly-llm", "a1-b2-c3"])
@@ -213,15 +207,15 @@ def test_storage_scheme(storage, ok):
 def test_source_format_and_empty_path_are_checked():
     problems = _problems(yaml.safe_dump(_valid(tok={
         "kind": "tokenizer", "source": {"paths": ["a.jsonl", "  "], "format": "csv"}})))
-    fmt = _one_problem_starting(problems, "stages.tok.source.format")
+    fmt = one_problem_starting(problems, "stages.tok.source.format")
     assert "'csv'" in fmt and "jsonl" in fmt
-    assert "empty path" in _one_problem_starting(problems, "stages.tok.source.paths")
+    assert "empty path" in one_problem_starting(problems, "stages.tok.source.paths")
 
 
 def test_not_a_mapping_and_bad_yaml():
     assert "must be a mapping" in _problems("- a\n- b\n")[0]
     assert "not valid YAML" in _problems("name: [unclosed\n")[0]
-    assert "required field missing" in _one_problem_starting(_problems("name: t\n"), "stages")
+    assert "required field missing" in one_problem_starting(_problems("name: t\n"), "stages")
 
 
 def test_load_spec_of_a_missing_file_is_a_spec_error(tmp_path):
@@ -254,7 +248,7 @@ def test_find_cycle_none_in_a_dag():
 def test_self_reference_is_rejected():
     problems = _problems(yaml.safe_dump(_valid(
         corpus={**CORPUS, "tokenizer": "corpus"})))
-    assert "'corpus' is a preprocess stage" in _one_problem_starting(problems, "stages.corpus.tokenizer")
+    assert "'corpus' is a preprocess stage" in one_problem_starting(problems, "stages.corpus.tokenizer")
 
 
 # --- the `tokenizer: {path: DIR}` union -----------------------------------------------------
@@ -338,14 +332,14 @@ def test_pretrain_stage_on_a_preprocess_stage_validates():
 def test_pretrain_zero_stage_must_be_1_2_or_3():
     problems = _problems(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS, train={**TRAIN, "zero_stage": 4})))
     assert len(problems) == 1, problems
-    zero = _one_problem_starting(problems, "stages.train.zero_stage")
+    zero = one_problem_starting(problems, "stages.train.zero_stage")
     assert "1, 2 or 3" in zero and "(got 4)" in zero
 
 
 def test_pretrain_global_batch_must_divide_by_micro_batch_times_workers():
     problems = _problems(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS, train={**TRAIN, "global_batch": 12})))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.train")
+    message = one_problem_starting(problems, "stages.train")
     assert "global_batch 12 does not divide by micro_batch 4 x num_workers 2 = 8" in message
     assert "use a multiple of 8" in message
 
@@ -363,7 +357,7 @@ def test_pretrain_grad_accum_contradicting_global_batch_is_an_error():
     problems = _problems(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS,
                                                train={**TRAIN, "global_batch": 32, "grad_accum": 3})))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.train")
+    message = one_problem_starting(problems, "stages.train")
     assert "grad_accum 3 contradicts global_batch 32" in message and "(= 4 x 8)" in message
 
 
@@ -372,7 +366,7 @@ def test_preprocess_seq_len_longer_than_the_models_positions_is_reported_at_vali
                                  train={**TRAIN, "model": {"preset": "tiny", "max_position_embeddings": 2048}}))
     problems = _problems(text)
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.train.model.max_position_embeddings")
+    message = one_problem_starting(problems, "stages.train.model.max_position_embeddings")
     assert "2048" in message and "stages.corpus.seq_len 4096" in message
     path = tmp_path / "long.yaml"
     path.write_text(text)
@@ -386,19 +380,19 @@ def test_preprocess_seq_len_longer_than_the_models_positions_is_reported_at_vali
 def test_seq_len_longer_than_the_models_positions_is_reported_with_other_mistakes():
     problems = _problems(yaml.safe_dump(_valid(tok={**TOK, "vocab_size": 10}, corpus={**CORPUS, "seq_len": 4096},
                                                train=TRAIN)))
-    _one_problem_starting(problems, "stages.tok.vocab_size")
-    _one_problem_starting(problems, "stages.train.model.max_position_embeddings")
+    one_problem_starting(problems, "stages.tok.vocab_size")
+    one_problem_starting(problems, "stages.train.model.max_position_embeddings")
 
 
 def test_pretrain_data_naming_a_tokenizer_stage_is_an_error():
     problems = _problems(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS, train={**TRAIN, "data": "tok"})))
-    message = _one_problem_starting(problems, "stages.train.data")
+    message = one_problem_starting(problems, "stages.train.data")
     assert "'tok' is a tokenizer stage" in message and "preprocess stage" in message
 
 
 def test_pretrain_data_naming_a_missing_stage_is_an_error():
     problems = _problems(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS, train={**TRAIN, "data": "corpsu"})))
-    assert "'corpsu' is not a stage" in _one_problem_starting(problems, "stages.train.data")
+    assert "'corpsu' is not a stage" in one_problem_starting(problems, "stages.train.data")
 
 
 def test_pretrain_hash_ignores_max_failures_but_not_steps(tmp_path):

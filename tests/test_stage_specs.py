@@ -15,24 +15,16 @@ from jobs.train_spec import TrainSpec
 from orchestrator.cli import main
 from orchestrator.errors import SpecError
 from orchestrator.spec import LocalPath, ModelRef, PipelineSpec, checkpoint_steps, load_spec, parse_spec
+from problems import one_problem_starting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "examples", "demo.yaml")
 
 
-# --- helpers (copied in spirit from test_spec.py) ----------------------------------------------
-
 def _problems(raw: dict) -> list[str]:
     with pytest.raises(SpecError) as info:
         parse_spec(yaml.safe_dump(raw))
     return info.value.problems
-
-
-def _one_problem_starting(problems: list[str], path: str) -> str:
-    """The single problem whose field path is exactly `path`."""
-    hits = [p for p in problems if p.startswith(path + ": ")]
-    assert len(hits) == 1, f"expected one problem at {path!r}, got {hits} in {problems}"
-    return hits[0]
 
 
 def _valid(**stages) -> dict:
@@ -124,7 +116,7 @@ def test_finetune_continued_pretraining_on_data_validates(files):
 def test_finetune_init_naming_an_unknown_stage(files):
     problems = _problems(_pipeline(files, ft=_ft(files, init="pretrian")))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.ft.init")
+    message = one_problem_starting(problems, "stages.ft.init")
     assert "'pretrian' is not a stage" in message
     listed = message.split("stages are: ", 1)[1]
     assert sorted(listed.split(", ")) == ["corpus", "ft", "pretrain", "tok"]
@@ -133,7 +125,7 @@ def test_finetune_init_naming_an_unknown_stage(files):
 def test_finetune_init_naming_a_preprocess_stage(files):
     problems = _problems(_pipeline(files, ft=_ft(files, init="corpus")))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.ft.init")
+    message = one_problem_starting(problems, "stages.ft.init")
     assert "'corpus' is a preprocess stage" in message and "must name a pretrain or finetune stage" in message
 
 
@@ -142,21 +134,21 @@ def test_finetune_needs_exactly_one_of_task_and_data(files, both):
     ft = _ft(files, data="corpus") if both else {k: v for k, v in _ft(files).items() if k != "task"}
     problems = _problems(_pipeline(files, ft=ft))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.ft")
+    message = one_problem_starting(problems, "stages.ft")
     assert "exactly one of `task`" in message and "`data`" in message
 
 
 def test_finetune_with_a_model_is_an_error(files):
     problems = _problems(_pipeline(files, ft=_ft(files, model={"preset": "tiny"})))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.ft")
+    message = one_problem_starting(problems, "stages.ft")
     assert "`model`" in message and "come from `init`" in message
 
 
 def test_finetune_init_step_with_a_local_path_is_an_error(files, tmp_path):
     problems = _problems(_pipeline(files, ft=_ft(files, init={"path": str(tmp_path)}, init_step=100)))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.ft")
+    message = one_problem_starting(problems, "stages.ft")
     assert "`init_step`" in message and "{path: DIR}" in message
 
 
@@ -169,13 +161,13 @@ def test_finetune_from_a_local_path_validates(files, tmp_path):
 def test_finetune_init_step_not_kept_names_the_kept_steps(files):
     problems = _problems(_pipeline(files, ft=_ft(files, init_step=80)))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.ft.init_step")
+    message = one_problem_starting(problems, "stages.ft.init_step")
     assert "pretrain keeps no checkpoint at step 80" in message and "[100]" in message
 
 
 def test_finetune_init_step_never_committed_is_an_error(files):
     problems = _problems(_pipeline(files, ft=_ft(files, init_step=50)))
-    assert "step 50" in _one_problem_starting(problems, "stages.ft.init_step")
+    assert "step 50" in one_problem_starting(problems, "stages.ft.init_step")
 
 
 def test_finetune_init_step_kept_is_accepted(files):
@@ -190,14 +182,14 @@ def test_finetune_init_step_kept_is_accepted(files):
 def test_finetune_init_step_of_a_finetune_stage_uses_its_retention(files):
     ft_b = _ft(files, init="ft", init_step=5)  # ft: steps 10, checkpoint_every 100 -> keeps [10]
     problems = _problems(_pipeline(files, ft=_ft(files), ft_b=ft_b))
-    assert "ft keeps no checkpoint at step 5" in _one_problem_starting(problems, "stages.ft_b.init_step")
+    assert "ft keeps no checkpoint at step 5" in one_problem_starting(problems, "stages.ft_b.init_step")
     parse_spec(yaml.safe_dump(_pipeline(files, ft=_ft(files), ft_b=_ft(files, init="ft", init_step=10))))
 
 
 def test_finetune_task_seq_len_longer_than_the_models_positions(files):
     problems = _problems(_pipeline(files, ft=_ft(files, task={"path": files["sft"], "seq_len": 512})))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.ft.task.seq_len")
+    message = one_problem_starting(problems, "stages.ft.task.seq_len")
     assert "512" in message and "max_position_embeddings 256" in message
     # equal is fine
     parse_spec(yaml.safe_dump(_pipeline(files, ft=_ft(files, task={"path": files["sft"], "seq_len": 256}))))
@@ -207,7 +199,7 @@ def test_finetune_of_a_finetune_inherits_the_context_length(files):
     ft_b = _ft(files, init="ft", task={"path": files["sft"], "seq_len": 300})
     problems = _problems(_pipeline(files, ft=_ft(files), ft_b=ft_b))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.ft_b.task.seq_len")
+    message = one_problem_starting(problems, "stages.ft_b.task.seq_len")
     assert "300" in message and "max_position_embeddings 256" in message
 
 
@@ -218,9 +210,9 @@ def test_finetune_data_seq_len_longer_than_the_starting_models_positions(files):
     raw["stages"]["ft2"] = _ft(files, init="ft", task=None, data="corpus")
     raw["stages"]["corpus"] = {**CORPUS, "seq_len": 1024}
     problems = _problems(raw)
-    _one_problem_starting(problems, "stages.pretrain.model.max_position_embeddings")
+    one_problem_starting(problems, "stages.pretrain.model.max_position_embeddings")
     for name in ("ft", "ft2"):
-        message = _one_problem_starting(problems, f"stages.{name}.data")
+        message = one_problem_starting(problems, f"stages.{name}.data")
         assert "seq_len 1024 exceeds the starting model's max_position_embeddings 512" in message
 
 
@@ -240,15 +232,15 @@ def test_evaluate_stage_validates_with_every_kind_of_model(files, tmp_path):
 def test_evaluate_model_naming_an_unknown_stage(files):
     problems = _problems(_pipeline(files, eval=_eval(files, models=["pretrain", "nope"])))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.eval.models[1]")
+    message = one_problem_starting(problems, "stages.eval.models[1]")
     assert "'nope' is not a stage" in message and "pretrain" in message
 
 
 def test_evaluate_model_ref_naming_an_unknown_or_wrong_stage(files):
     problems = _problems(_pipeline(files, eval=_eval(files, models=[{"stage": "nope", "step": 1},
                                                                     {"stage": "corpus", "step": 1}])))
-    assert "'nope' is not a stage" in _one_problem_starting(problems, "stages.eval.models[0]")
-    wrong = _one_problem_starting(problems, "stages.eval.models[1]")
+    assert "'nope' is not a stage" in one_problem_starting(problems, "stages.eval.models[0]")
+    wrong = one_problem_starting(problems, "stages.eval.models[1]")
     assert "'corpus' is a preprocess stage" in wrong and "pretrain or finetune" in wrong
     assert len(problems) == 2, problems
 
@@ -256,7 +248,7 @@ def test_evaluate_model_ref_naming_an_unknown_or_wrong_stage(files):
 def test_evaluate_model_step_not_kept(files):
     problems = _problems(_pipeline(files, eval=_eval(files, models=["pretrain", {"stage": "pretrain", "step": 80}])))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.eval.models[1].step")
+    message = one_problem_starting(problems, "stages.eval.models[1].step")
     assert "pretrain keeps no checkpoint at step 80" in message and "[100]" in message
 
 
@@ -271,7 +263,7 @@ def test_evaluate_mistake_in_a_model_entry_names_its_index(files, entry, field, 
     valid fields (`valid fields: ` followed by nothing)."""
     problems = _problems(_pipeline(files, eval=_eval(files, models=["pretrain", entry])))
     assert len(problems) == 1, problems
-    assert fragment in _one_problem_starting(problems, f"stages.eval.models[1].{field}")
+    assert fragment in one_problem_starting(problems, f"stages.eval.models[1].{field}")
 
 
 def test_evaluate_model_entry_of_a_wrong_type_is_one_problem_at_its_index(files):
@@ -279,7 +271,7 @@ def test_evaluate_model_entry_of_a_wrong_type_is_one_problem_at_its_index(files)
     `models[1].LocalPath`) instead of one saying what may be written, as `init` and `tokenizer` do."""
     problems = _problems(_pipeline(files, eval=_eval(files, models=["pretrain", 5])))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.eval.models[1]")
+    message = one_problem_starting(problems, "stages.eval.models[1]")
     assert "{path: DIR}" in message and "(got 5)" in message
 
 
@@ -289,7 +281,7 @@ def test_evaluate_unknown_key_in_a_task_lists_the_task_fields(files):
     tasks = [{"name": "mc", "type": "multiple_choice", "path": files["mc"], "limt": 3}]
     problems = _problems(_pipeline(files, eval=_eval(files, tasks=tasks)))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.eval.tasks[0].limt")
+    message = one_problem_starting(problems, "stages.eval.tasks[0].limt")
     assert "did you mean 'limit'?" in message
     assert "valid fields: limit, max_new_tokens, name, path, type" in message
 
@@ -300,7 +292,7 @@ def test_finetune_mistakes_inside_init_and_task_read_well(files):
     problems = _problems(_pipeline(files, ft=_ft(files, init=5)))
     assert problems == ["stages.ft.init: give a training stage's name or {path: DIR} (got 5)"]
     problems = _problems(_pipeline(files, ft=_ft(files, task={"path": files["sft"], "seq_lem": 32})))
-    message = _one_problem_starting(problems, "stages.ft.task.seq_lem")
+    message = one_problem_starting(problems, "stages.ft.task.seq_lem")
     assert "did you mean 'seq_len'?" in message and "prompt_field, response_field, seq_len" in message
 
 
@@ -311,7 +303,7 @@ def test_evaluate_data_longer_than_a_models_positions_is_reported_at_validate(fi
     long_corpus = {**CORPUS, "seq_len": 512}
     raw = _pipeline(files, long=long_corpus, ft=_ft(files), eval=_eval(files, models=["pretrain", "ft"], data="long"))
     problems = _problems(raw)
-    message = _one_problem_starting(problems, "stages.eval.data")
+    message = one_problem_starting(problems, "stages.eval.data")
     assert "512" in message and "256" in message
     # the corpus the model was trained on fits
     parse_spec(yaml.safe_dump(_pipeline(files, ft=_ft(files), eval=_eval(files, models=["pretrain", "ft"],
@@ -321,13 +313,13 @@ def test_evaluate_data_longer_than_a_models_positions_is_reported_at_validate(fi
 def test_evaluate_empty_models(files):
     problems = _problems(_pipeline(files, eval=_eval(files, models=[])))
     assert len(problems) == 1, problems
-    assert "`models` and/or `follow`" in _one_problem_starting(problems, "stages.eval")
+    assert "`models` and/or `follow`" in one_problem_starting(problems, "stages.eval")
 
 
 def test_evaluate_with_nothing_to_measure(files):
     problems = _problems(_pipeline(files, eval=_eval(files, tasks=[])))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.eval")
+    message = one_problem_starting(problems, "stages.eval")
     assert "nothing to evaluate" in message and "`data`" in message and "`tasks`" in message
     # data alone is enough
     parse_spec(yaml.safe_dump(_pipeline(files, eval=_eval(files, tasks=[], data="corpus"))))
@@ -338,7 +330,7 @@ def test_evaluate_duplicate_task_names(files):
              {"name": "same", "type": "exact_match", "path": files["em"]}]
     problems = _problems(_pipeline(files, eval=_eval(files, tasks=tasks)))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.eval")
+    message = one_problem_starting(problems, "stages.eval")
     assert "task names must differ" in message and "same" in message
 
 
@@ -382,7 +374,7 @@ def test_bad_multiple_choice_file_lists_every_bad_line_in_one_error(files, tmp_p
         parse_spec(yaml.safe_dump(_pipeline(files, eval=_eval(files, tasks=tasks))), "pipe.yaml")
     problems = info.value.problems
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.eval.tasks[0]")
+    message = one_problem_starting(problems, "stages.eval.tasks[0]")
     assert "3 bad line(s)" in message and bad in message
     lines = message.splitlines()
     line2 = [ln for ln in lines if f"{bad}:2:" in ln]
@@ -404,9 +396,9 @@ def test_task_file_problems_are_reported_with_every_other_problem(files, tmp_pat
                     eval=_eval(files, tasks=[{"name": "ok", "type": "exact_match", "path": files["em"]},
                                              {"name": "mc", "type": "multiple_choice", "path": bad_mc}]))
     problems = _problems(raw)
-    _one_problem_starting(problems, "stages.tok.vocab_size")
-    assert f"{bad_sft}:2:" in _one_problem_starting(problems, "stages.ft.task")
-    mc = _one_problem_starting(problems, "stages.eval.tasks[1]")
+    one_problem_starting(problems, "stages.tok.vocab_size")
+    assert f"{bad_sft}:2:" in one_problem_starting(problems, "stages.ft.task")
+    mc = one_problem_starting(problems, "stages.eval.tasks[1]")
     assert f"{bad_mc}:1:" in mc and '"answer" -1 is out of range' in mc and "0..1" in mc
     assert len(problems) == 3, problems
 
@@ -416,7 +408,7 @@ def test_sft_file_with_a_missing_response_field(files, tmp_path):
                                                     {"prompt": "p", "response": ""}, "not json"])
     problems = _problems(_pipeline(files, ft=_ft(files, task={"path": bad, "seq_len": 32})))
     assert len(problems) == 1, problems
-    message = _one_problem_starting(problems, "stages.ft.task")
+    message = one_problem_starting(problems, "stages.ft.task")
     assert f"{bad}:2: needs a non-empty string 'response'" in message
     assert f"{bad}:4: needs a non-empty string 'response'" in message
     assert f"{bad}:5: not a JSON object" in message
@@ -428,7 +420,7 @@ def test_sft_file_with_custom_field_names(files, tmp_path):
     task = {"path": path, "seq_len": 32, "prompt_field": "q", "response_field": "a"}
     parse_spec(yaml.safe_dump(_pipeline(files, ft=_ft(files, task=task))))
     problems = _problems(_pipeline(files, ft=_ft(files, task={"path": path, "seq_len": 32})))
-    assert "needs a non-empty string 'prompt' and 'response'" in _one_problem_starting(problems, "stages.ft.task")
+    assert "needs a non-empty string 'prompt' and 'response'" in one_problem_starting(problems, "stages.ft.task")
 
 
 def test_missing_task_files(files, tmp_path):
@@ -437,9 +429,9 @@ def test_missing_task_files(files, tmp_path):
                     eval=_eval(files, tasks=[{"name": "mc", "type": "multiple_choice", "path": missing_mc}]))
     problems = _problems(raw)
     assert len(problems) == 2, problems
-    sft = _one_problem_starting(problems, "stages.ft.task")
+    sft = one_problem_starting(problems, "stages.ft.task")
     assert missing_sft in sft and "cannot read the task file" in sft
-    mc = _one_problem_starting(problems, "stages.eval.tasks[0]")
+    mc = one_problem_starting(problems, "stages.eval.tasks[0]")
     assert missing_mc in mc and "does not exist" in mc
 
 
@@ -449,8 +441,8 @@ def test_empty_task_files(files, tmp_path):
     raw = _pipeline(files, ft=_ft(files, task={"path": str(empty), "seq_len": 32}),
                     eval=_eval(files, tasks=[{"name": "mc", "type": "multiple_choice", "path": str(empty)}]))
     problems = _problems(raw)
-    assert "no examples" in _one_problem_starting(problems, "stages.ft.task")
-    assert "has no rows" in _one_problem_starting(problems, "stages.eval.tasks[0]")
+    assert "no examples" in one_problem_starting(problems, "stages.ft.task")
+    assert "has no rows" in one_problem_starting(problems, "stages.eval.tasks[0]")
 
 
 def test_cli_validate_bad_task_file_exits_2_and_prints_every_problem(files, tmp_path, capsys):
