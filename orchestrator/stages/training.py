@@ -17,6 +17,7 @@ import threading
 
 import ray
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jobs.commit import FileEntry
 from jobs.train import TrainJob, train
@@ -32,7 +33,10 @@ def run_training(ctx: StageContext, job_fields: dict) -> StageOutput:
     """Train with the stage's TrainSpec fields and `job_fields` (the data and the starting model)."""
     spec = ctx.spec
     check_resources(ctx.name, spec)
-    queue = Queue()
+    # On the driver's node, with no CPU: a queue on a worker node would die with that node and take
+    # the stage down with it, before Ray Train could restart the workers elsewhere.
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)})
     job = TrainJob(spec=TrainSpec.model_validate(spec.model_dump(include=set(TrainSpec.model_fields))),
                    out_uri=ctx.out.uri, config_hash=ctx.hash, **job_fields)
     trainer = _trainer(ctx.name, spec, job, queue)
