@@ -83,7 +83,10 @@ def train(job: TrainJob) -> dict:
     tokens_per_step = order.global_batch * data.seq_len
     metrics: dict = {"resumed_from": resumed_from}
     history: list[list[float]] = []  # [step, loss] at each report: the loss curve in the run record
-    window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64, device=device)
+    def new_window():  # (start time, steps, summed loss), the loss on the device: no sync per micro batch
+        return time.perf_counter(), 0, torch.zeros((), dtype=torch.float64, device=device)
+
+    window_start, window_steps, window_loss = new_window()
 
     for step in range(start_step, spec.steps):
         for micro in range(spec.grad_accum):
@@ -91,7 +94,7 @@ def train(job: TrainJob) -> dict:
             loss = engine(input_ids=tokens, labels=labels).loss
             engine.backward(loss)
             engine.step()
-            window_loss += loss.detach().double() / spec.grad_accum  # on the device: no sync per micro batch
+            window_loss += loss.detach().double() / spec.grad_accum
         window_steps += 1
         crash_point("train", step + 1)
         done = step + 1
@@ -117,7 +120,7 @@ def train(job: TrainJob) -> dict:
                 for name in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
                     if metrics[name] is not None:
                         tensorboard.add_scalar(f"train/{name}", metrics[name], done)
-            window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), dtype=torch.float64, device=device)
+            window_start, window_steps, window_loss = new_window()
 
     writer.wait()  # the last checkpoint is committed before the export says "done"
     state = gather_state_dict(engine, spec.zero_stage, rank)
