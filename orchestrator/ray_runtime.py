@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import ray
 
+from orchestrator import autoscaler_config
+
 log = logging.getLogger(__name__)
 
 # Each task owns one CPU: a tokenizer fanning out over every core would oversubscribe the node.
@@ -52,20 +54,28 @@ class ClusterView:
         return bool(self.node_types)
 
 
-def capacity() -> ClusterView:
+def capacity(autoscaler: bool = True) -> ClusterView:
     """The cluster as the scheduler sees it, without Ray's bookkeeping keys; with its autoscaler's
-    node types when it has one (a cluster launched from a config, or KubeRay's)."""
-    from ray._private.state import state
+    node types when it has one (a cluster launched from a config, or KubeRay's) and `autoscaler`."""
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    view = ClusterView(_schedulable(ray.cluster_resources()), [_schedulable(r) for r in alive])
+    head = next((_schedulable(r) for r in alive if "node:__internal_head__" in r), None)
+    # An embedded Ray has no autoscaler: no need to look for one.
+    found = autoscaler_config.discover(head) if autoscaler and not _embedded() else None
+    if found:
+        view.node_types, view.most = found.shapes, found.most
+    return view
 
-    def schedulable(resources) -> dict[str, float]:
-        return {k: float(v) for k, v in dict(resources).items()
-                if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
-    nodes = [schedulable(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-    config = state.get_cluster_config()
-    groups = [g for g in (config.node_group_configs if config else []) if g.max_count != 0]
-    node_types = {g.name: schedulable(g.resources) for g in groups}
-    most = state.get_max_resources_from_cluster_config() if node_types else None
-    return ClusterView(schedulable(ray.cluster_resources()), nodes, node_types, most)
+
+def _schedulable(resources) -> dict[str, float]:
+    """Without Ray's bookkeeping: node markers, memory, and placement groups' reserved shares."""
+    return {k: float(v) for k, v in dict(resources).items()
+            if not k.startswith("node:") and "_group_" not in k and k not in ("memory", "object_store_memory")}
+
+
+def _embedded() -> bool:
+    node = ray._private.worker._global_node
+    return node is not None and node.head  # this process started the cluster
 
 
 def request_resources(bundles: list[dict[str, float]]) -> None:

@@ -47,8 +47,12 @@ def never_fits(name: str, bundles: list[Resources], cluster: Resources, nodes: l
     need = total(bundles)
     for resource, amount in sorted(need.items()):
         if amount and cluster.get(resource, 0.0) < amount:
-            fix = "set use_gpu: false or add GPU nodes" if resource == "GPU" and not cluster.get("GPU") else \
-                "lower num_workers or add nodes"
+            if cluster.get(resource):
+                fix = "lower num_workers or add nodes"
+            elif resource == "GPU":
+                fix = "set use_gpu: false or add GPU nodes"
+            else:
+                fix = f"add a node type that offers {resource}, or drop it from resources_per_worker"
             return (f"stages.{name}: needs {amount:g} {resource} in all ({len(bundles)} x {describe(bundles[0])}), but the "
                     f"cluster has {cluster.get(resource, 0.0):g} {resource}; {fix}")
     shapes = nodes + list((node_types or {}).values())

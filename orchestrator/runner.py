@@ -137,20 +137,23 @@ class _Runner:
     def _watch_nodes(self, need: resources.Resources, console: StageConsole) -> threading.Event:
         """While a stage waits for the autoscaler's nodes, say how far they are; set the event to stop."""
         done = threading.Event()
-        if not self.cluster.autoscaling or resources.fits(need, self.cluster.total):
+        if not self.cluster.autoscaling:
             return done
 
         def watch() -> None:
             last = None
-            while not done.wait(_NODE_POLL_S):
-                have = ray_runtime.capacity().total
+            while True:
+                have = ray_runtime.capacity(autoscaler=False).total
                 if resources.fits(need, have):
-                    console.line(f"nodes are up: the cluster has {resources.describe(have)}")
+                    if last is not None:  # only after saying that it waits
+                        console.line(f"nodes are up: the cluster has {resources.describe(have)}")
                     return
                 if have != last:
                     console.line(f"waiting for nodes: the stage needs {resources.describe(need)}, "
                                  f"the cluster has {resources.describe(have)}")
                     last = have
+                if done.wait(_NODE_POLL_S):
+                    return
         threading.Thread(target=watch, name="watch-nodes", daemon=True).start()
         return done
 

@@ -99,7 +99,7 @@ class PreprocessStage(PreprocessSpec):
 class TrainStage(TrainSpec):
     """What pretraining and fine-tuning share: the worker group and its failure policy."""
 
-    NOT_HASHED: ClassVar[set[str]] = {"max_failures"}
+    NOT_HASHED: ClassVar[set[str]] = {"max_failures", "resources_per_worker"}  # where it runs, not what it computes
 
     num_workers: int = Field(2, ge=1)
     """Training workers (one per GPU, or CPU processes with gloo)."""
@@ -107,6 +107,9 @@ class TrainStage(TrainSpec):
     """One GPU per worker, NCCL and bf16; otherwise CPU workers with gloo and fp32."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs reserved for each worker."""
+    resources_per_worker: dict[str, float] = {}
+    """Custom Ray resources each worker also needs, such as `{H100: 1}` or a node type's marker:
+    the workers go only to nodes that offer them, and the autoscaler adds such nodes."""
     max_failures: int = Field(2, ge=0)
     """Worker-group restarts allowed; each resumes from the newest committed checkpoint."""
     global_batch: int | None = Field(None, ge=1)
@@ -127,7 +130,18 @@ class TrainStage(TrainSpec):
 
     def bundles(self) -> list[dict[str, float]]:
         """The resources of each worker: what the runner reserves and Ray Train places."""
-        return [{"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}] * self.num_workers
+        return [{"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {}), **self.resources_per_worker}
+                ] * self.num_workers
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{name!r} is not a custom resource; use cpus_per_worker / use_gpu for CPUs and GPUs")
+            if not amount > 0:
+                raise ValueError(f"{name}: {amount} must be > 0")
+        return v
 
 
 class PretrainStage(TrainStage):

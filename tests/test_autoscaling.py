@@ -3,7 +3,7 @@ what it says while nodes come up, and what it refuses before anything starts.
 
 Ray is replaced at its two seams (`ray_runtime.connect`, `ray_runtime.capacity`) and the stages
 by a stand-in that returns at once; the requests are recorded where `request_resources` would
-send them. The real autoscaler path is exercised on clusters (see cluster/README.md).
+send them. Ray's real autoscaler drives the same runner in test_autoscaling_local.py.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def cluster(monkeypatch):
     state = {"requests": [], "looks_since_asked": None}
     base = ClusterView({"CPU": 2.0}, [{"CPU": 2.0}], {"gpu": GPU_TYPE}, {"CPU": 18.0, "GPU": 8.0})
 
-    def capacity():
+    def capacity(autoscaler=True):
         if state["looks_since_asked"] is not None:
             state["looks_since_asked"] += 1
         if (state["looks_since_asked"] or 0) >= 2:

@@ -24,6 +24,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from orchestrator.autoscaler_config import from_config
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10, where pytest brings tomli
@@ -85,6 +87,17 @@ def test_launcher_gpus_scale_from_zero_spot_first_with_an_equal_on_demand_type(p
             assert s["resources"] == o["resources"]
             assert s["node_config"]["InstanceType"] == o["node_config"]["InstanceType"]
             assert s.get("priority", 0) > o.get("priority", 0)
+
+
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
+def test_the_runner_sees_the_launchers_worker_types_and_their_maximum(path):
+    config = _load(path)
+    found = from_config(config, head={"CPU": 8.0})
+    workers = {name: t for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
+    assert set(found.shapes) == set(workers)
+    assert all(found.shapes[name]["GPU"] == _gpus(t) for name, t in workers.items())
+    assert found.most["GPU"] == sum(_gpus(t) * t["max_workers"] for t in workers.values())
+    assert found.most["CPU"] == 8 + sum(t["resources"]["CPU"] * t["max_workers"] for t in workers.values())
 
 
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
@@ -156,6 +169,20 @@ def test_raycluster():
     assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", cluster["metadata"]["name"])  # DNS-1035
     _check_cluster_spec(cluster["spec"])
+
+
+def test_the_runner_sees_kuberays_gpu_group_as_ray_derives_it():
+    # On KubeRay the runner reads the RayCluster through Ray's own derivation (the autoscaler's).
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    (cluster,) = _kuberay("raycluster.yaml")
+    cluster["metadata"]["namespace"] = "ml"  # the API server fills it in
+    found = from_config(_derive_autoscaling_config_from_ray_cr(cluster))
+    (group,) = [g for g in cluster["spec"]["workerGroupSpecs"]
+                if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert found.shapes[group["groupName"]]["GPU"] == gpus
+    assert found.most["GPU"] == gpus * group["maxReplicas"]
 
 
 def test_rayjob_runs_the_pipeline_on_its_own_copy_of_the_raycluster():

@@ -100,6 +100,13 @@ def test_never_fits_gpu_on_a_cpu_only_cluster():
     assert "set use_gpu: false or add GPU nodes" in message
 
 
+def test_never_fits_a_custom_resource_no_node_type_offers():
+    message = never_fits("train", [{"CPU": 1.0, "H100": 1.0}] * 2, {"CPU": 8.0, "A10G": 4.0}, [{"CPU": 8.0}],
+                         {"a10g": {"CPU": 4.0, "A10G": 1.0}})
+    assert message == ("stages.train: needs 2 H100 in all (2 x {CPU: 1, H100: 1}), but the cluster has 0 H100; "
+                       "add a node type that offers H100, or drop it from resources_per_worker")
+
+
 def test_never_fits_too_few_cpus_in_all():
     message = never_fits("sft", [{"CPU": 2.0}] * 3, {"CPU": 4.0}, [{"CPU": 2.0}, {"CPU": 2.0}])
     assert message == ("stages.sft: needs 6 CPU in all (3 x {CPU: 2}), but the cluster has 4 CPU; "

@@ -384,6 +384,19 @@ def test_seq_len_longer_than_the_models_positions_is_reported_with_other_mistake
     one_problem_starting(problems, "stages.train.model.max_position_embeddings")
 
 
+def test_pretrain_custom_resources_go_into_every_workers_bundle():
+    spec = parse_spec(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS, train={**TRAIN, "resources_per_worker": {"H100": 1}})))
+    assert spec.stages["train"].bundles() == [{"CPU": 1.0, "H100": 1.0}] * 2
+
+
+@pytest.mark.parametrize("resources, fragment", [({"GPU": 1}, "use cpus_per_worker / use_gpu"),
+                                                 ({"H100": 0}, "H100: 0.0 must be > 0")])
+def test_pretrain_resources_per_worker_mistakes(resources, fragment):
+    problems = _problems(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS, train={**TRAIN, "resources_per_worker": resources})))
+    assert len(problems) == 1, problems
+    assert fragment in one_problem_starting(problems, "stages.train.resources_per_worker")
+
+
 def test_pretrain_data_naming_a_tokenizer_stage_is_an_error():
     problems = _problems(yaml.safe_dump(_valid(tok=TOK, corpus=CORPUS, train={**TRAIN, "data": "tok"})))
     message = one_problem_starting(problems, "stages.train.data")
@@ -412,6 +425,8 @@ def test_pretrain_hash_ignores_max_failures_but_not_steps(tmp_path):
 
     base = hashes(max_failures=2)
     assert hashes(max_failures=7)["train"] == base["train"]
+    # where the workers run is not what they compute
+    assert hashes(max_failures=2, resources_per_worker={"H100": 1})["train"] == base["train"]
     more_steps = hashes(max_failures=2, steps=21)
     assert more_steps["train"] != base["train"]
     assert more_steps["tok"] == base["tok"] and more_steps["corpus"] == base["corpus"]

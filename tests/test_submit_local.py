@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,18 +29,13 @@ from jobs.storage import open_storage
 from orchestrator.cli import main as cli_main
 from orchestrator.records import RunRecord, StageRecord, load_record, save_record
 from orchestrator.submit import mark_stopped
+from ray_nodes import free_port
 
 pytestmark = pytest.mark.local
 
 BIN = os.path.dirname(sys.executable)
 START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

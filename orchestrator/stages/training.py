@@ -22,7 +22,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from jobs.commit import FileEntry
 from jobs.train import TrainJob, train
 from jobs.train_spec import TrainSpec
-from orchestrator.errors import UserError
 from orchestrator.stages import StageContext, StageOutput
 
 _FIT_ENDED = {"event": "fit-ended"}
@@ -32,7 +31,6 @@ _LIVENESS_S = 10.0  # how often to check that the fit thread is alive, should it
 def run_training(ctx: StageContext, job_fields: dict) -> StageOutput:
     """Train with the stage's TrainSpec fields and `job_fields` (the data and the starting model)."""
     spec = ctx.spec
-    check_resources(ctx.name, spec)
     # On the driver's node, with no CPU: a queue on a worker node would die with that node and take
     # the stage down with it, before Ray Train could restart the workers elsewhere.
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
@@ -96,7 +94,8 @@ def _trainer(name: str, spec, job: TrainJob, queue: Queue):
         _worker_loop,
         train_loop_config={"job": job, "queue": queue},
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
-                                     resources_per_worker={"CPU": spec.cpus_per_worker}),
+                                     resources_per_worker={"CPU": spec.cpus_per_worker,
+                                                           **spec.resources_per_worker}),
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
@@ -118,16 +117,6 @@ def _worker_loop(config: dict) -> None:
     metrics = train(job)
     if rank == 0:
         queue.put({"event": "finished", "metrics": metrics, "files": metrics.pop("files")})
-
-
-def check_resources(name: str, spec) -> None:
-    """Fail before any GPU time when the cluster can never hold the worker group."""
-    total = ray.cluster_resources()
-    need = {"GPU": spec.num_workers if spec.use_gpu else 0, "CPU": spec.num_workers * spec.cpus_per_worker}
-    for resource, amount in need.items():
-        if amount and total.get(resource, 0) < amount:
-            raise UserError(f"stages.{name}: {spec.num_workers} workers need {amount:g} {resource} in all, but the "
-                            f"cluster has {total.get(resource, 0):g}; lower num_workers or add nodes")
 
 
 def _progress_line(m: dict) -> str:
