@@ -61,6 +61,27 @@ def _parser() -> argparse.ArgumentParser:
                                      "file:// directory the nodes share); overrides the file's")
     p.set_defaults(command=_submit)
 
+    p = sub.add_parser("schedule", help="run the pipeline on its cron `schedule:`, one run per tick (runs until stopped)")
+    p.add_argument("spec")
+    p.add_argument("--address", help=f"submit each run to this cluster as a Ray job: {DASHBOARD} (default: run "
+                                     "each on this machine)")
+    p.add_argument("--storage", help="storage root (file://DIR or s3://bucket/prefix); overrides the file's")
+    p.add_argument("--once", action="store_true", help="fire the ticks due now and exit (after the runs, when local)")
+    p.add_argument("--now", help="with --once: act as if it were this ISO 8601 time (no offset: the schedule's zone)")
+    p.add_argument("--list", action="store_true", help="show the next fire times and the recent ticks with their runs")
+    p.add_argument("--json", action="store_true", help="with --list: machine-readable output")
+    p.set_defaults(command=_schedule)
+
+    p = sub.add_parser("render", help="write deployment manifests for the pipeline's schedule")
+    p.add_argument("target", choices=["kuberay"])
+    p.add_argument("spec")
+    p.add_argument("--kind", choices=["cronjob", "raycronjob"], default="cronjob",
+                   help="a Kubernetes CronJob that submits to a running RayCluster (default), or a KubeRay "
+                        "RayCronJob (KubeRay >= 1.6) with a cluster per run")
+    p.add_argument("--storage", help="storage root the cluster writes to (s3://...); overrides the file's")
+    p.add_argument("--out", help="write here instead of printing")
+    p.set_defaults(command=_render)
+
     p = sub.add_parser("export", help="a committed checkpoint, or a run's last one, as a Hugging Face model")
     p.add_argument("source", metavar="CHECKPOINT_OR_RUN",
                    help="a checkpoint URI (.../ckpt/step-N), a training stage's output URI, or a run id")
@@ -195,6 +216,83 @@ def _submit(args) -> int:
               f"follow it: orchestrator logs {run_id} -f --address {args.address}", file=sys.stderr)
     else:
         print(f"run {run_id} is already a Ray job on {args.address}: {job.status}; nothing submitted", file=sys.stderr)
+    return EXIT_OK
+
+
+def _schedule(args) -> int:
+    from datetime import datetime, timezone
+
+    from orchestrator.scheduler import Scheduler, format_listing
+
+    spec = load_spec(args.spec)
+    if spec.schedule is None:
+        raise UserError(f"{args.spec}: the pipeline has no `schedule:`; add e.g. `schedule: {{cron: \"30 2 * * *\", "
+                        "timezone: UTC}` (see README, Scheduling)")
+    if args.now and not (args.once or args.list):
+        raise UserError("--now: only with --once or --list (a scheduler that runs on keeps real time)")
+    now = _parse_now(args.now, spec.schedule.zone) if args.now else datetime.now(timezone.utc)
+    storage, launcher = _schedule_launcher(args, spec)
+    clock = (lambda: now.timestamp()) if args.now else time.time
+    scheduler = Scheduler(spec, storage, launcher, clock=clock, say=lambda line: print(line, flush=True))
+    if args.list:
+        listing = scheduler.listing(now)
+        print(json.dumps(listing, indent=2) if args.json else format_listing(listing))
+        return EXIT_OK
+    if args.once:
+        scheduler.fire_due(now)
+        waited = getattr(launcher, "wait", lambda: True)()  # local runs: this process is their parent
+        return EXIT_OK if waited else EXIT_FAILED
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    print(f"scheduling {spec.name}: '{spec.schedule.cron}' in {spec.schedule.timezone}; Ctrl-C stops "
+          "(runs already started go on)", flush=True)
+    try:
+        scheduler.run_forever(sleep=lambda s: _sleep_unless(stopping, s), stop=lambda: bool(stopping))
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _sleep_unless(stopping: list, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not stopping and time.monotonic() < deadline:
+        time.sleep(min(1.0, deadline - time.monotonic()))
+
+
+def _parse_now(text: str, zone):
+    from datetime import datetime
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"--now {text!r}: not an ISO 8601 time; e.g. 2026-11-26T02:30:00+01:00") from None
+    return when if when.tzinfo else when.replace(tzinfo=zone)
+
+
+def _schedule_launcher(args, spec: PipelineSpec):
+    from orchestrator import submit
+    from orchestrator.launchers import LocalLauncher, RayJobLauncher
+
+    if args.address:
+        uri = submit.storage_for_cluster(args.storage or spec.storage)
+        return open_storage(uri), RayJobLauncher(submit.open_client(args.address), args.spec, spec, uri)
+    storage = _storage(spec, args.storage)
+    return storage, LocalLauncher(os.path.abspath(args.spec), spec, storage, _log_dir())
+
+
+def _render(args) -> int:
+    from orchestrator.render import render_kuberay
+
+    spec = load_spec(args.spec)
+    if args.storage:
+        spec = spec.model_copy(update={"storage": args.storage})
+    text = render_kuberay(args.spec, spec, kind=args.kind)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}: kubectl apply -f {args.out}", file=sys.stderr)
+    else:
+        print(text, end="")
     return EXIT_OK
 
 
@@ -383,9 +481,13 @@ def _last_checkpoint_of_run(storage_uri: str, run_id: str) -> str:
     return trained[-1].metrics["last_checkpoint"]
 
 
+def _log_dir() -> str:
+    return os.environ.get("ORCHESTRATOR_LOG_DIR", os.path.expanduser("~/.cache/orchestrator/logs"))
+
+
 def _log_to_file(run_id: str) -> str:
     """Our own log (and tracebacks) go to a file; the terminal only gets the stage lines."""
-    log_dir = os.environ.get("ORCHESTRATOR_LOG_DIR", os.path.expanduser("~/.cache/orchestrator/logs"))
+    log_dir = _log_dir()
     os.makedirs(log_dir, exist_ok=True)
     path = os.path.join(log_dir, f"{run_id}.log")
     handler = logging.FileHandler(path)

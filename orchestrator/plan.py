@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 from jobs.commit import read_commit, verify_commit
 from jobs.sources import SourceError, list_source_files
-from jobs.storage import Storage
+from jobs.storage import Storage, open_storage
 from orchestrator.errors import UserError
+from orchestrator.records import list_records
 from orchestrator.spec import LocalPath, PipelineSpec
 
 STAGE_VERSIONS = {"tokenizer": 1, "preprocess": 1, "pretrain": 1, "finetune": 1, "evaluate": 1}
@@ -41,26 +42,56 @@ class PlannedStage:
     upstream_uris: dict[str, str] = field(default_factory=dict)  # field -> referenced output URI
 
 
-def make_plan(spec: PipelineSpec, storage: Storage) -> list[PlannedStage]:
+def make_plan(spec: PipelineSpec, storage: Storage, run_id: str | None = None) -> list[PlannedStage]:
+    """`run_id`: the run being planned, never its own `init: previous`."""
     planned: dict[str, PlannedStage] = {}
     for name in spec.topological_order():
         stage = spec.stages[name]
         upstream = spec.upstream(name)
+        fields = stage.model_dump(mode="json", exclude={"kind", *upstream, *getattr(stage, "NOT_HASHED", ())})
         inputs = {
             "kind": stage.kind,
             "name": name,
             "version": STAGE_VERSIONS[stage.kind],
-            "fields": stage.model_dump(mode="json", exclude={"kind", *upstream, *getattr(stage, "NOT_HASHED", ())}),
+            "fields": fields,
             "upstream": {f: planned[ref].hash for f, ref in upstream.items()},
             "files": _fingerprint(name, stage),
         }
+        previous = None
+        if getattr(stage, "init", None) == "previous":
+            tokenizer = spec.stages[stage.data].tokenizer  # the ids the weights were trained on must not change
+            tokenizer_hash = planned[tokenizer].hash if isinstance(tokenizer, str) else None
+            previous = previous_weights(spec, storage, name, fields, run_id, tokenizer, tokenizer_hash)
+        if previous:
+            inputs["previous"] = previous  # a new previous run is a new input: the stage runs again
         digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
         key = f"stages/{name}-{digest[:8]}"
         p = PlannedStage(name, stage.kind, stage, digest, inputs, upstream, key, storage.url(key))
         p.upstream_uris = {f: planned[ref].uri for f, ref in upstream.items()}
+        if previous:
+            p.upstream_uris["init"] = previous["model_uri"]
         p.cached, p.reason = _cache_status(storage, p)
         planned[name] = p
     return list(planned.values())
+
+
+def previous_weights(spec: PipelineSpec, storage: Storage, name: str, fields: dict, run_id: str | None,
+                     tokenizer, tokenizer_hash: str | None) -> dict | None:
+    """Where stage `name` ended in the pipeline's newest successful run other than `run_id`: its
+    exported weights (those of its newest checkpoint); None when there is no such run, or it
+    trained another model shape or with another tokenizer stage output."""
+    runs = [r for r in list_records(storage) if r.pipeline == spec.name and r.status == "succeeded"
+            and r.run_id != run_id and name in r.stages and r.stages[name].status == "succeeded"]
+    for record in sorted(runs, key=lambda r: r.finished_at or r.started_at, reverse=True):
+        out = open_storage(record.stages[name].output_uri)
+        commit = read_commit(out, COMMIT_FILE) or {}
+        if commit.get("inputs", {}).get("fields", {}).get("model") != fields.get("model"):
+            return None  # the model changed since: train it from scratch
+        if tokenizer_hash and (tokenizer not in record.stages or record.stages[tokenizer].hash != tokenizer_hash):
+            return None  # new token ids: the old weights would read them as other tokens
+        return {"run_id": record.run_id, "stage_hash": record.stages[name].hash, "model_uri": out.url("hf"),
+                "checkpoint": (commit.get("metrics") or {}).get("last_checkpoint")}
+    return None
 
 
 def _fingerprint(name: str, stage) -> list:
@@ -136,7 +167,9 @@ def _diff(old: dict, new: dict, upstream: dict[str, str], prefix: str = "") -> l
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         path = f"{prefix}{k}"
-        if isinstance(a, dict) and isinstance(b, dict):
+        if path == "previous" and a != b:
+            changes.append(f"continues from run {b['run_id']}" if b else "starts from scratch")
+        elif isinstance(a, dict) and isinstance(b, dict):
             changes += _diff(a, b, upstream, path + ".")
         elif a != b:
             if k == "files":

@@ -39,8 +39,9 @@ _NODE_POLL_S = 5.0
 def run_pipeline(spec: PipelineSpec, storage: Storage, run_id: str | None = None, address: str | None = None,
                  console: Console | None = None) -> RunRecord:
     console = console or Console()
-    plan = make_plan(spec, storage)
-    record = _start_record(spec, storage, validate_run_id(run_id) if run_id else new_run_id(spec.name), plan)
+    run_id = validate_run_id(run_id) if run_id else new_run_id(spec.name)
+    plan = make_plan(spec, storage, run_id)
+    record = _start_record(spec, storage, run_id, plan)
     console.line(f"run {record.run_id} (attempt {record.attempts}) → {storage.uri}")
     runner = _Runner(record, storage, console)
     try:

@@ -31,6 +31,7 @@ from jobs.sources import SourceSpec
 from jobs.text import NormalizeSpec
 from jobs.train_spec import TrainSpec
 from orchestrator.errors import SpecError
+from orchestrator.schedule_spec import GateSpec, ScheduleSpec
 
 PIPELINE_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 STAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -152,6 +153,9 @@ class PretrainStage(TrainStage):
     kind: Literal["pretrain"]
     data: str
     """The preprocess stage whose train split to train on."""
+    init: Literal["previous"] | None = None
+    """`previous`: start from the weights this stage ended with in the pipeline's newest successful
+    run (nightly continued training); from random weights when there is none or `model` changed."""
 
 
 class FinetuneStage(TrainStage):
@@ -303,6 +307,10 @@ class PipelineSpec(BaseModel):
     """Where outputs go: file://DIR or s3://bucket/prefix. `--storage` overrides it."""
     stages: dict[str, Stage] = Field(min_length=1)
     """The stages by name; order does not matter, references decide it."""
+    schedule: ScheduleSpec | None = None
+    """When `orchestrator schedule` runs it (cron); see orchestrator/schedule_spec.py."""
+    gate: GateSpec | None = None
+    """The regression gate: which runs move the `latest` / `best` model aliases."""
 
     @field_validator("name")
     @classmethod
@@ -364,9 +372,31 @@ def parse_spec(text: str, source: str = "<pipeline>") -> PipelineSpec:
         problems = [_describe(err) for err in e.errors()] + problems
         spec = None
     problems += _cross_stage_problems(spec.stages if spec else _valid_stages(raw.get("stages")))
+    if spec is not None and spec.gate is not None:
+        problems += _gate_problems(spec.gate, spec.stages)
     if problems:
         raise SpecError(source, problems)
     return spec
+
+
+def _gate_problems(gate: GateSpec, stages: dict[str, BaseModel]) -> list[str]:
+    evaluated = stages.get(gate.stage)
+    if not isinstance(evaluated, EvaluateStage):
+        kinds = sorted(n for n, s in stages.items() if isinstance(s, EvaluateStage))
+        return [f"gate.stage: {gate.stage!r} is not an evaluate stage; use one of {kinds}"]
+    labels = [model_label(m) for m in evaluated.models]
+    problems = []
+    if gate.model not in labels or not isinstance(stages.get(gate.model), TrainStage):
+        trained = [label for label in labels if isinstance(stages.get(label), TrainStage)]
+        problems.append(f"gate.model: {gate.model!r} is not a training stage that {gate.stage} evaluates; use one of {trained}")
+    for i, metric in enumerate(gate.metrics):
+        model, task, _ = metric.name.split("/")
+        tasks = ["perplexity"] * (evaluated.data is not None) + [t.name for t in evaluated.tasks]
+        if model not in labels:
+            problems.append(f"gate.metrics[{i}].name: {gate.stage} evaluates no model {model!r}; it evaluates {labels}")
+        elif task not in tasks:
+            problems.append(f"gate.metrics[{i}].name: {gate.stage} has no task {task!r}; it has {tasks}")
+    return problems
 
 
 def _valid_stages(stages) -> dict[str, BaseModel]:
