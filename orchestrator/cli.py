@@ -353,6 +353,10 @@ def _status(args) -> int:
     for name, stage in record.stages.items():
         if stage.error:
             print(f"  {name}: {stage.error}")
+    if record.gate is not None:
+        from orchestrator.console import gate_summary
+
+        print(f"gate: {gate_summary(record.gate)}")
     print(f"record: {record.storage.rstrip('/')}/runs/{record.run_id}/run.json")
     return EXIT_OK
 

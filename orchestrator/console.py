@@ -12,6 +12,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from orchestrator.gate import GateResult
 from orchestrator.records import RunRecord, StageRecord
 
 
@@ -49,6 +50,8 @@ class Console:
                    if s.kind in ("pretrain", "finetune") and s.status == "succeeded"]
         for name, uri in exports:
             self.line(f"model:  {name} → {uri.rstrip('/')}/hf/")
+        if record.gate is not None:
+            self.line(f"gate:   {gate_summary(record.gate)}")
         base = f"{record.storage.rstrip('/')}/runs/{record.run_id}"
         self.line(f"record: {base}/run.json\nreport: {base}/report.md")
         if log_path:
@@ -67,6 +70,15 @@ class StageConsole:
 
     def progress(self, total: int, label: str):
         return self.console.progress(total, f"{self.name} {label}")
+
+
+def gate_summary(gate: GateResult) -> str:
+    """The gate's decision in one line, e.g. 'promoted (latest, best → s3://b/p/stages/sft-1a2b/hf/)'."""
+    if gate.status == "promoted":
+        return f"promoted ({', '.join(gate.moved)} → {gate.export_uri})"
+    if gate.status == "regressed":
+        return f"REGRESSED — {gate.reason}; latest stays at run {gate.baseline_run}"
+    return f"ERROR — {gate.reason}"
 
 
 def key_metrics(stage: StageRecord) -> str:

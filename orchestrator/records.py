@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from jobs.storage import Storage
 from orchestrator.errors import UserError
+from orchestrator.gate import GateResult
 
 Status = Literal["pending", "running", "succeeded", "failed", "stopped"]
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -47,6 +48,8 @@ class RunRecord(BaseModel):
     started_at: float = Field(default_factory=time.time)
     finished_at: float | None = None
     stages: dict[str, StageRecord] = Field(default_factory=dict)
+    gate: GateResult | None = None
+    """The regression gate's decision (pipelines with a `gate:`); None before it ran, or without one."""
 
 
 def new_run_id(pipeline: str) -> str:

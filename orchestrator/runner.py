@@ -25,6 +25,7 @@ from jobs.storage import Storage
 from orchestrator import ray_runtime, resources
 from orchestrator.console import Console, StageConsole
 from orchestrator.errors import UserError
+from orchestrator.gate import apply_gate
 from orchestrator.plan import COMMIT_FILE, PlannedStage, make_plan
 from orchestrator.records import RunRecord, StageRecord, load_record, new_run_id, save_record, validate_run_id
 from orchestrator.report import write_report
@@ -53,6 +54,8 @@ def run_pipeline(spec: PipelineSpec, storage: Storage, run_id: str | None = None
             ray_runtime.connect(address)
             runner.run(to_run, ray_runtime.capacity())
         record.status = "succeeded"
+        if spec.gate is not None:
+            record.gate = apply_gate(spec.gate, record, storage)  # the summary says what it decided
     except KeyboardInterrupt:
         record.status = "stopped"
         for stage in record.stages.values():

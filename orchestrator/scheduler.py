@@ -145,7 +145,8 @@ class Scheduler:
         newest = datetime.fromisoformat(recent[-1].tick) if recent else None
         # A schedule's first scheduler does not backfill: it starts with the tick due now.
         first_ever = not any(o.key.endswith(".json") for o in self.storage.list(self._prefix()))
-        after = newest or (now - ON_TIME if first_ever else now - s.window)
+        # (fire_times excludes `after`: a tick exactly ON_TIME late is still on time)
+        after = newest or (now - ON_TIME - timedelta(microseconds=1) if first_ever else now - s.window)
         ticks = fire_times(s, after, now)
         if s.catchup == "all":
             return [(t, None) for t in ticks]
