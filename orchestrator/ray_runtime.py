@@ -34,12 +34,23 @@ def connect(address: str | None = None) -> None:
         logging_level=logging.ERROR,
         runtime_env={"env_vars": WORKER_ENV},
     )
+    _errors_to_log()
     if threading.current_thread() is threading.main_thread():
         # ray.init installs a SIGTERM handler that exits at once; the caller's (the CLI marks the
         # run record stopped) must survive it.
         signal.signal(signal.SIGTERM, on_sigterm)
     log.info("connected to Ray %s (session logs: %s)", address or "embedded",
              ray._private.worker._global_node.get_session_dir_path() if ray._private.worker._global_node else "remote")
+
+
+def _errors_to_log() -> None:
+    """Ray prints the cluster's error messages (a node that died, with a screenful of its raylet's
+    state) straight to the driver's stdout, whatever `log_to_driver` says: send them to the log
+    file instead; the stage's own lines say what it means for the run (`resumed from step N`)."""
+    worker = ray._private.worker
+    if hasattr(worker, "print_to_stdstream"):
+        worker.print_to_stdstream = lambda data, ignore_prefix=False: log.warning(
+            "ray (%s): %s", data.get("pid"), "\n".join(data.get("lines", [])))
 
 
 @dataclass

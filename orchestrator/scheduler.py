@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Literal, Protocol
 
 from pydantic import BaseModel
 
+from jobs.faults import crash_point
 from jobs.storage import Storage
 from orchestrator.schedule_spec import ScheduleSpec
 from orchestrator.spec import PipelineSpec
@@ -134,6 +135,7 @@ class Scheduler:
         and start what may start. Returns the claims made or found for those ticks."""
         now = now or datetime.fromtimestamp(self.clock(), timezone.utc)
         made = [self._decide(tick, why_skip, late=now - tick > ON_TIME) for tick, why_skip in self._due(now)]
+        crash_point("schedule-claimed", 1)  # tests: die between claiming a tick and starting its run
         self._start_pending()
         return made
 

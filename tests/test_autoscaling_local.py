@@ -39,6 +39,9 @@ pytestmark = pytest.mark.local
 
 DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "examples", "data", "*.jsonl"))
 NODE_TYPE = {"CPU": 1, "fake_gpu": 1}
+# Enough for preprocessing's tasks at once: a backlog of CPU tasks would make the autoscaler add
+# fake_gpu nodes for their CPU before the training stage asks for them.
+HEAD_CPUS = 4
 # 40 steps train in ~4 s here once the workers are up: 80 leave a window of several seconds to
 # lose a node in after the first commit.
 STEPS, EVERY = 80, 5
@@ -56,7 +59,7 @@ def autoscaling_config(gcs_address: str) -> dict:
                      "disable_node_updaters": True, "disable_launch_config_check": True},
         "head_node_type": FAKE_HEAD_NODE_TYPE,  # the fake provider's name for the head
         "available_node_types": {
-            FAKE_HEAD_NODE_TYPE: {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
+            FAKE_HEAD_NODE_TYPE: {"resources": {"CPU": HEAD_CPUS}, "node_config": {}, "max_workers": 0},
             # three: the two a stage needs and a replacement while the lost one is still listed
             "fake_gpu_node": {"resources": {**NODE_TYPE, "object_store_memory": 200 * 2**20}, "node_config": {},
                               "min_workers": 0, "max_workers": 3},
@@ -69,7 +72,7 @@ def autoscaling_config(gcs_address: str) -> dict:
 
 
 class AutoscalingCluster:
-    """A head with 2 CPUs (the tokenizer and preprocessing run there) and Ray's autoscaler, which
+    """A head with 4 CPUs (the tokenizer and preprocessing run there) and Ray's autoscaler, which
     adds `fake_gpu_node`s on demand: processes of the head's session, like everything it starts."""
 
     def __init__(self, root: str):
@@ -82,7 +85,7 @@ class AutoscalingCluster:
             json.dump(autoscaling_config(self.address), f)
         head_env = {**self.env, **NODE_ENV, **FAST_NODE_DEATH, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         self.head = Node("head", ray_start(root, "head", [
-            "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+            "--head", f"--port={port}", f"--num-cpus={HEAD_CPUS}", "--include-dashboard=false",
             f"--ray-client-server-port={free_port()}", f"--autoscaling-config={config}"]), head_env,
             os.path.join(root, "head.log"))
 
@@ -206,7 +209,8 @@ def test_training_nodes_come_up_from_zero_survive_a_lost_node_and_go_away(cluste
     record = load_record(storage, run_id)
     assert driver.returncode == 0 and record.status == "succeeded", output()[-5000:]
     text = output()
-    assert "waiting for nodes: the stage needs {CPU: 2, fake_gpu: 2}" in text, text[-5000:]
+    assert "waiting for nodes: the stage needs {CPU: 2, fake_gpu: 2}, the cluster has {CPU: 4}" in text, text[-5000:]
+    assert "Raylet is terminated" not in text  # Ray's message about the lost node went to the log file
     assert "nodes are up" in text
     stage = record.stages["pretrain"]
     # The worker group was restarted on a replacement node, from the commit seen before the loss

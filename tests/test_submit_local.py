@@ -29,7 +29,7 @@ from jobs.storage import open_storage
 from orchestrator.cli import main as cli_main
 from orchestrator.records import RunRecord, StageRecord, load_record, save_record
 from orchestrator.submit import mark_stopped
-from ray_nodes import free_port
+from ray_nodes import free_port, wait_for
 
 pytestmark = pytest.mark.local
 
@@ -141,16 +141,6 @@ def write_spec(workdir: str, name: str, spec: dict) -> str:
     return name
 
 
-def wait_for(predicate, what: str, timeout_s: float = RUN_TIMEOUT_S, poll_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def head():
     with ray_head() as h:
@@ -238,6 +228,29 @@ def test_submit_follow_list_and_a_duplicate_submit(head, workdir, store):
     assert head.token not in json.dumps([job.model_dump(mode="json") for job in client.list_jobs()])
 
 
+def test_schedule_submits_each_tick_once_even_after_dying_between_claim_and_submit(head, workdir, store):
+    spec = write_spec(workdir, "sched.yaml", {**tiny_pipeline("sched", store), "schedule": {"cron": "30 2 * * *"}})
+    run_id = "sched-20261120T0230Z"
+    fire = ("schedule", spec, "--once", "--now", "2026-11-20T02:35:00+00:00", "--address", head.address)
+    # The first scheduler claims the tick and dies before submitting.
+    died = head.cli(*fire, cwd=workdir, env={**head.env, "ORCHESTRATOR_CRASH_AT": "schedule-claimed:1"})
+    assert died.returncode == 137, died.stdout + died.stderr
+    assert f"run {run_id}" in died.stdout
+    client = head.client()
+    assert not [job for job in client.list_jobs() if job.submission_id == run_id]
+    # Restarted (twice): the claimed tick's run is submitted once, under the tick's run id.
+    restarted = head.cli(*fire, cwd=workdir)
+    again = head.cli(*fire, cwd=workdir)
+    assert restarted.returncode == 0 and again.returncode == 0, restarted.stderr + again.stderr
+    assert f"started {run_id}" in restarted.stdout and "started" not in again.stdout
+    assert len([job for job in client.list_jobs() if job.submission_id == run_id]) == 1
+    followed = head.cli("logs", run_id, "-f", "--address", head.address)
+    assert f"run {run_id}: succeeded" in followed.stdout, followed.stdout[-3000:]
+    listing = head.cli("schedule", spec, "--list", "--now", "2026-11-20T03:00:00+00:00", "--address", head.address,
+                       cwd=workdir)
+    assert f"run   {run_id}  succeeded" in listing.stdout, listing.stdout + listing.stderr
+
+
 def test_stop_a_running_pipeline(head, workdir, store):
     pretrain = {"kind": "pretrain", "data": "corpus", "model": {"preset": "tiny", "max_position_embeddings": 64},
                 "steps": 500, "micro_batch": 2, "num_workers": 1, "checkpoint_every": 500, "warmup_steps": 2}
@@ -250,7 +263,7 @@ def test_stop_a_running_pipeline(head, workdir, store):
         record = load_record(storage, run_id)
         return record is not None and record.stages["pretrain"].status == "running"
 
-    wait_for(pretrain_running, "the pretrain stage to start")
+    wait_for(pretrain_running, "the pretrain stage to start", RUN_TIMEOUT_S, poll_s=0.5)
     stopped = head.cli("stop", run_id, "--address", head.address)
     assert stopped.returncode == 0, stopped.stderr
     assert f"run {run_id}: Ray job STOPPED; record: stopped" in stopped.stdout
