@@ -17,7 +17,7 @@ import yaml
 from jobs.storage import open_storage
 from orchestrator.cli import main
 from orchestrator.launchers import LocalLauncher
-from orchestrator.scheduler import Scheduler, fire_times, next_fire, run_id_for
+from orchestrator.scheduler import POLL_S, Scheduler, fire_times, next_fire, run_id_for
 from orchestrator.spec import parse_spec
 
 UTC = timezone.utc
@@ -331,3 +331,18 @@ def test_two_scheduler_processes_on_one_storage_start_one_run(tmp_path):
     out = subprocess.run([*cmd[:5], "--list", "--now", "2026-11-20T03:00:00+00:00"], env=env, capture_output=True,
                          text=True, timeout=60).stdout
     assert "nightly-20261120T0230Z  succeeded" in out
+
+
+def test_run_forever_sleeps_until_each_tick_and_polls_between(tmp_path):
+    start = datetime(2026, 11, 20, 0, 0, tzinfo=UTC)
+    scheduler, launcher, clock, _ = make(tmp_path, start, cron="30 2 * * *")
+    naps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        clock.now += timedelta(seconds=seconds)
+
+    scheduler.run_forever(sleep=sleep, stop=lambda: clock.now >= start + timedelta(days=3))
+    assert list(launcher.started) == ["nightly-20261120T0230Z", "nightly-20261121T0230Z", "nightly-20261122T0230Z"]
+    assert all(t.time().isoformat() == "02:30:00" for t in launcher.started.values())  # woke exactly at the tick
+    assert max(naps) <= POLL_S
