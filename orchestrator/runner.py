@@ -60,7 +60,7 @@ def run_pipeline(spec: PipelineSpec, storage: Storage, run_id: str | None = None
         record.status = "stopped"
         for stage in record.stages.values():
             if stage.status == "running":
-                stage.status, stage.error = "stopped", "interrupted"
+                stage.status, stage.error, stage.finished_at = "stopped", "interrupted", time.time()
         raise
     except BaseException:
         record.status = "failed"

@@ -272,7 +272,7 @@ def test_stop_a_running_pipeline(head, workdir, store):
     assert client.get_job_status(run_id) == "STOPPED"
     record = load_record(storage, run_id)
     assert record.status == "stopped" and record.finished_at is not None
-    assert record.stages["pretrain"].status == "stopped"
+    assert record.stages["pretrain"].status == "stopped" and record.stages["pretrain"].finished_at is not None
     assert record.stages["corpus"].status == "succeeded"
     # The driver caught Ray's SIGTERM and recorded the stop itself (not `stop` after a SIGKILL).
     assert record.stages["pretrain"].error == "interrupted"
