@@ -113,11 +113,13 @@ class Scheduler:
     def _key(self, tick: datetime) -> str:
         return f"{self._prefix()}{tick.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}.json"
 
-    def claims(self, since: datetime | None = None) -> list[Claim]:
-        """The ticks claimed so far (since `since`), oldest first. Keys sort by time, so older
-        claims are never read."""
+    def claims(self, since: datetime | None = None, last: int | None = None) -> list[Claim]:
+        """The ticks claimed so far (since `since`; only the `last` ones), oldest first. Keys sort
+        by time, so claims outside those bounds are never read."""
         first = self._key(since) if since else ""
         keys = sorted(o.key for o in self.storage.list(self._prefix()) if o.key.endswith(".json") and o.key >= first)
+        if last is not None:
+            keys = keys[max(0, len(keys) - last):]
         return [Claim.model_validate_json(self.storage.read_bytes(k)) for k in keys]
 
     def _claim(self, tick: datetime, action: str, reason: str) -> Claim:
@@ -223,7 +225,7 @@ class Scheduler:
         times = [t.isoformat() for _, t in zip(range(upcoming), ticks_after(self.schedule, now))]
         ticks = [{**c.model_dump(include={"local", "run_id", "action", "reason"}),
                   "state": self.launcher.state(c.run_id) if c.action == "run" else None}
-                 for c in self.claims()[-recent:]]
+                 for c in self.claims(last=recent)]
         return {"pipeline": self.spec.name, "cron": self.schedule.cron, "timezone": self.schedule.timezone,
                 "next": times, "recent": ticks}
 

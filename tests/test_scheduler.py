@@ -314,6 +314,16 @@ def test_list_shows_the_next_fire_times_in_the_schedules_zone(tmp_path, capsys):
     assert listing["recent"] == []
 
 
+def test_list_shows_the_newest_ticks_with_their_runs_states(tmp_path):
+    start = datetime(2026, 11, 20, 0, 0, tzinfo=UTC)
+    scheduler, _, clock, _ = make(tmp_path, start, duration=timedelta(hours=3), cron="30 2 * * *")
+    simulate(scheduler, clock, start + timedelta(days=5, hours=3))  # the sixth night runs
+    listing = scheduler.listing(clock.now, upcoming=2, recent=3)
+    assert [t["run_id"] for t in listing["recent"]] == [f"nightly-202611{d}T0230Z" for d in (23, 24, 25)]
+    assert [t["state"] for t in listing["recent"]] == ["succeeded", "succeeded", "active"]
+    assert listing["next"] == ["2026-11-26T02:30:00+00:00", "2026-11-27T02:30:00+00:00"]
+
+
 def test_two_scheduler_processes_on_one_storage_start_one_run(tmp_path):
     """Real processes, real runs (a tokenizer-only pipeline on an embedded Ray each)."""
     path = write(tmp_path, cron="30 2 * * *")
