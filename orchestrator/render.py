@@ -54,6 +54,7 @@ import yaml
 
 from orchestrator.errors import UserError
 from orchestrator.schedule_spec import ScheduleSpec
+from orchestrator.scheduler import ON_TIME
 from orchestrator.spec import PipelineSpec
 
 KINDS = ("cronjob", "raycronjob")
@@ -66,7 +67,7 @@ SERVICE_ACCOUNT = "ray-llm-orchestrator"
 """Its IRSA role is what lets the pods claim ticks and write runs in S3; no key is ever rendered."""
 MOUNT = "/pipeline"
 RAY_USER = 1000  # the image's `ray` user; a numeric id lets the kubelet verify non-root
-ON_TIME_S = 300
+ON_TIME_S = int(ON_TIME.total_seconds())  # the scheduler's own: a pod later than this fires nothing
 MAX_MISSED_TICKS = 99
 NAME_LIMIT = 40  # leaves room for the suffixes here and the ones CronJob / RayCronJob add to their jobs
 POLICY_ANNOTATION = "ray-llm-orchestrator/concurrency-policy"
