@@ -585,7 +585,8 @@ def _describe(err: dict) -> str:
     if kind == "missing":
         return f"{path}: required field missing"
     message = err["msg"].removeprefix("Value error, ")
-    shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+    quoted = isinstance(value, str) and repr(value) in message  # the validator already names it
+    shown = "" if isinstance(value, (dict, list)) or quoted else f" (got {value!r})"
     return f"{path}: {message}{shown}"
 
 
