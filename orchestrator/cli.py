@@ -241,6 +241,7 @@ def _schedule(args) -> int:
     if args.once:
         scheduler.fire_due(now)
         waited = getattr(launcher, "wait", lambda: True)()  # local runs: this process is their parent
+        scheduler.say_ended()
         return EXIT_OK if waited else EXIT_FAILED
     stopping = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
@@ -275,7 +276,7 @@ def _schedule_launcher(args, spec: PipelineSpec):
 
     if args.address:
         uri = submit.storage_for_cluster(args.storage or spec.storage)
-        return open_storage(uri), RayJobLauncher(submit.open_client(args.address), args.spec, spec, uri)
+        return open_storage(uri), RayJobLauncher(args.address, args.spec, spec, uri)
     storage = _storage(spec, args.storage)
     return storage, LocalLauncher(os.path.abspath(args.spec), spec, storage, _log_dir())
 

@@ -25,8 +25,9 @@ _START_GRACE_S = 120.0  # a local driver that wrote no record this long after it
 class RayJobLauncher:
     """Runs as Ray jobs whose submission id is the run id: Ray refuses a second job of that id."""
 
-    def __init__(self, client, spec_path: str, spec: PipelineSpec, storage_uri: str):
-        self.client, self.spec_path, self.spec, self.storage_uri = client, spec_path, spec, storage_uri
+    def __init__(self, address: str, spec_path: str, spec: PipelineSpec, storage_uri: str):
+        self.address, self.client = address, submit.open_client(address)
+        self.spec_path, self.spec, self.storage_uri = spec_path, spec, storage_uri
         self.files = submit.files_to_ship(spec)
 
     def launch(self, run_id: str) -> bool:
@@ -42,6 +43,9 @@ class RayJobLauncher:
         if job is not None:
             submit.stop_job(self.client, job)
 
+    def follow_hint(self, run_id: str) -> str:
+        return f"a Ray job; follow it with `orchestrator logs -f {run_id} --address {self.address}`"
+
 
 class LocalLauncher:
     """Runs as `orchestrator run SPEC --run-id ID` processes on this machine. A create-only marker
@@ -54,12 +58,18 @@ class LocalLauncher:
     def _marker(self, run_id: str) -> str:
         return f"schedules/{self.spec.name}/launches/{run_id}.json"
 
+    def _output(self, run_id: str) -> str:
+        return os.path.join(self.log_dir, f"{run_id}.out")
+
+    def follow_hint(self, run_id: str) -> str:
+        return f"its driver's output goes to {self._output(run_id)}"
+
     def launch(self, run_id: str) -> bool:
         marker = {"host": socket.gethostname(), "launched_at": time.time()}
         if not self.storage.create_bytes(self._marker(run_id), json.dumps(marker).encode()):
             return False
         os.makedirs(self.log_dir, exist_ok=True)
-        with open(os.path.join(self.log_dir, f"{run_id}.out"), "ab") as out:
+        with open(self._output(run_id), "ab") as out:
             child = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", self.spec_path, "--run-id", run_id,
                                       "--storage", self.storage.uri], stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from jobs.faults import crash_point
 from jobs.storage import Storage
+from orchestrator.records import load_record
 from orchestrator.schedule_spec import ScheduleSpec
 from orchestrator.spec import PipelineSpec
 
@@ -50,6 +51,9 @@ class Launcher(Protocol):
         """None: never started."""
 
     def stop(self, run_id: str) -> None: ...
+
+    def follow_hint(self, run_id: str) -> str:
+        """Where the run's output goes, for the 'started' line."""
 
 
 class Claim(BaseModel):
@@ -105,6 +109,7 @@ class Scheduler:
             raise ValueError("the pipeline has no schedule")
         self.schedule = self.spec.schedule
         self.who = f"{socket.gethostname()}:{id(self):x}"
+        self.watched: set[str] = set()  # runs seen active, to say when each ends
 
     # --- what storage says -----------------------------------------------------------------
     def _prefix(self) -> str:
@@ -139,6 +144,7 @@ class Scheduler:
         made = [self._decide(tick, why_skip, late=now - tick > ON_TIME) for tick, why_skip in self._due(now)]
         crash_point("schedule-claimed", 1)  # tests: die between claiming a tick and starting its run
         self._start_pending()
+        self.say_ended()
         return made
 
     def _due(self, now: datetime) -> list[tuple[datetime, str | None]]:
@@ -198,16 +204,31 @@ class Scheduler:
     def _start_pending(self) -> None:
         """Start claimed runs not started yet: a tick claimed just now, one whose scheduler died
         before starting it, or queued ones as active runs end (oldest first)."""
-        started = [c for c in self._run_claims() if self.launcher.state(c.run_id) == "active"]
-        slots = self.schedule.max_active_runs - len(started)
-        for claim in self._run_claims():
-            if self.launcher.state(claim.run_id) is not None:
+        claims = self._run_claims()
+        states = {c.run_id: self.launcher.state(c.run_id) for c in claims}
+        self.watched.update(run_id for run_id, state in states.items() if state == "active")
+        slots = self.schedule.max_active_runs - list(states.values()).count("active")
+        for claim in claims:
+            if states[claim.run_id] is not None:
                 continue
             if slots <= 0 and (self.schedule.overlap == "queue" or self._late(claim)):
                 break  # waits for a run to end
             if self.launcher.launch(claim.run_id):
-                self.say(f"started {claim.run_id}")
+                self.say(f"started {claim.run_id}: {self.launcher.follow_hint(claim.run_id)}")
+            self.watched.add(claim.run_id)
             slots -= 1
+
+    def say_ended(self) -> None:
+        """One line for each watched run that has ended since the last look: how, and what the
+        regression gate decided."""
+        for run_id in sorted(self.watched):
+            state = self.launcher.state(run_id)
+            if state in (None, "active"):
+                continue
+            self.watched.discard(run_id)
+            record = load_record(self.storage, run_id)
+            gate = f"; gate: {record.gate.status} ({record.gate.reason})" if record and record.gate else ""
+            self.say(f"{run_id} {state}{gate}")
 
     def _late(self, claim: Claim) -> bool:
         return claim.claimed_at - datetime.fromisoformat(claim.tick).timestamp() > ON_TIME.total_seconds()

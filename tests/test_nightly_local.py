@@ -45,6 +45,9 @@ class InProcessLauncher:
     def stop(self, run_id: str) -> None:
         raise AssertionError("no run should overlap another here")
 
+    def follow_hint(self, run_id: str) -> str:
+        return "ran in this process"
+
 
 def pipeline(tmp_path, corpus_dir) -> str:
     return yaml.safe_dump({"name": "nightly", "storage": f"file://{tmp_path}/store",
@@ -74,8 +77,9 @@ def test_three_nights_reuse_what_did_not_change_and_continue_training(tmp_path, 
     storage = open_storage(spec.storage)
     start_ray()
     now = [datetime(2026, 11, 24, 1, 25, tzinfo=timezone.utc)]  # 02:25 in Berlin
+    said: list[str] = []
     scheduler = Scheduler(spec, storage, InProcessLauncher(spec, storage), clock=lambda: now[0].timestamp(),
-                          say=print)
+                          say=said.append)
 
     def night(n: int):
         now[0] += timedelta(minutes=10)  # 02:35 Berlin: the tick is due
@@ -89,6 +93,7 @@ def test_three_nights_reuse_what_did_not_change_and_continue_training(tmp_path, 
     assert first.run_id == "nightly-20261124T0130Z"
     assert not any(stage.cached for stage in first.stages.values())
     assert first.gate.status == "promoted" and set(first.gate.moved) == {"latest", "best"}
+    assert said[-1] == f"{first.run_id} succeeded; gate: promoted (first promoted run)"
 
     second = night(2)
     assert second.stages["tok"].cached and second.stages["corpus"].cached  # nothing new: reused

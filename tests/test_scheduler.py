@@ -68,6 +68,9 @@ class FakeLauncher:
     def stop(self, run_id: str) -> None:
         self.stopped.add(run_id)
 
+    def follow_hint(self, run_id: str) -> str:
+        return "a fake run"
+
     def overlapping(self) -> int:
         """The most runs active at once."""
         spans = [(t, t + self.duration if r not in self.stopped else t) for r, t in self.started.items()]
@@ -92,9 +95,13 @@ def make(tmp_path, start: datetime, duration=timedelta(hours=1), **schedule):
 
 def test_five_simulated_days_start_five_runs_each_at_its_tick(tmp_path):
     start = datetime(2026, 11, 20, 0, 0, tzinfo=UTC)
-    scheduler, launcher, clock, _ = make(tmp_path, start, cron="30 2 * * *")
+    scheduler, launcher, clock, lines = make(tmp_path, start, cron="30 2 * * *")
     simulate(scheduler, clock, start + timedelta(days=5))
     assert list(launcher.started) == [f"nightly-202611{d}T0230Z" for d in range(20, 25)]
+    # each start and each end said once, the end at the first look after the hour it took
+    assert [line for line in lines if line.startswith(("started", "nightly-"))] == [
+        line for d in range(20, 25) for line in (f"started nightly-202611{d}T0230Z: a fake run",
+                                                 f"nightly-202611{d}T0230Z succeeded")]
     assert all(t.time().isoformat() == "02:30:00" for t in launcher.started.values())  # on the 10-minute step
     assert launcher.launch_calls == list(launcher.started)  # each started once, never retried
     assert [c.action for c in scheduler.claims()] == ["run"] * 5
@@ -334,7 +341,8 @@ def test_two_scheduler_processes_on_one_storage_start_one_run(tmp_path):
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    assert sum("started nightly-20261120T0230Z" in out for out in outputs) == 1, outputs
+    assert sum("started nightly-20261120T0230Z: its driver's output goes to" in out for out in outputs) == 1, outputs
+    assert any("\nnightly-20261120T0230Z succeeded" in out for out in outputs), outputs
     storage = open_storage(f"file://{tmp_path}/store")
     record = json.loads(storage.read_bytes("runs/nightly-20261120T0230Z/run.json"))
     assert record["status"] == "succeeded" and record["attempts"] == 1
