@@ -8,6 +8,7 @@ head node (a zero-CPU task placed there):
 - KubeRay: the RayCluster resource, derived into a config by Ray's own KubeRay code (the head
   pod's service account may read it: the autoscaler sidecar uses the same one).
 Newer Ray versions report the config to the GCS (`state.get_cluster_config()`); that comes first.
+Each of these reads a private part of Ray, through `orchestrator.ray_internals`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from dataclasses import dataclass
 
 import ray
 
+from orchestrator import ray_internals
+
 log = logging.getLogger(__name__)
 
 Resources = dict[str, float]
-_MONITOR_SCRIPTS = ("autoscaler/_private/monitor.py", "autoscaler/v2/monitor.py")
 _K8S_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -54,15 +56,10 @@ def from_config(config: dict, head: Resources | None = None) -> NodeTypes | None
 
 def from_gcs() -> NodeTypes | None:
     """What the autoscaler reported to the GCS (Ray versions whose autoscaler does)."""
-    from ray._private.state import state
-
-    config = state.get_cluster_config()
-    groups = [g for g in (config.node_group_configs if config else []) if g.max_count != 0]
+    groups = [g for g in ray_internals.node_groups_from_gcs() if g.max_count != 0]
     if not groups:
         return None
-    shapes = {g.name: {k: float(v) for k, v in g.resources.items()} for g in groups}
-    most = {k: float(v) for k, v in (state.get_max_resources_from_cluster_config() or {}).items()}
-    return NodeTypes(shapes, most)
+    return NodeTypes({g.name: g.resources for g in groups}, ray_internals.max_resources_from_gcs())
 
 
 def discover(head: Resources | None = None) -> NodeTypes | None:
@@ -81,7 +78,7 @@ def _read_on_head() -> dict | None:
     """On the head node: the config of this cluster's autoscaler, from its monitor's command line
     or from the RayCluster resource on KubeRay."""
     gcs_address = ray.get_runtime_context().gcs_address
-    path = _monitor_config_path(gcs_address)
+    path = ray_internals.monitor_config_path(gcs_address)
     if path:
         import yaml
 
@@ -89,26 +86,13 @@ def _read_on_head() -> dict | None:
             return yaml.safe_load(f)
     cluster_name = os.environ.get("RAY_CLUSTER_NAME")
     if cluster_name and os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(_K8S_NAMESPACE_FILE):
-        from ray.autoscaler._private.kuberay.autoscaling_config import AutoscalingConfigProducer
-
         with open(_K8S_NAMESPACE_FILE) as f:
             namespace = f.read().strip()
         try:
-            return AutoscalingConfigProducer(cluster_name, namespace)()
+            return ray_internals.kuberay_autoscaling_config(cluster_name, namespace)
+        except ray_internals.UnsupportedRay:  # not the cluster's doing: the fix is another Ray
+            raise
         except Exception:  # no permission, no API: judge by the nodes there are
             log.warning("could not read RayCluster %s/%s", namespace, cluster_name, exc_info=True)
     return None
 
-
-def _monitor_config_path(gcs_address: str) -> str | None:
-    """The `--autoscaling-config` of the monitor serving this cluster (a machine may run several)."""
-    import psutil
-
-    for process in psutil.process_iter(["cmdline"]):
-        args = process.info["cmdline"] or []
-        if not any(a.endswith(_MONITOR_SCRIPTS) for a in args) or f"--gcs-address={gcs_address}" not in args:
-            continue
-        for arg in args:
-            if arg.startswith("--autoscaling-config="):
-                return os.path.expanduser(arg.split("=", 1)[1])
-    return None

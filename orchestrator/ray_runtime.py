@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import ray
 
-from orchestrator import autoscaler_config
+from orchestrator import autoscaler_config, ray_internals
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
+    ray_internals.check_ray_version()  # another Ray: one clear message now, not a missing part later
     on_sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(
         address=address,
@@ -34,23 +35,14 @@ def connect(address: str | None = None) -> None:
         logging_level=logging.ERROR,
         runtime_env={"env_vars": WORKER_ENV},
     )
-    _errors_to_log()
+    # The stage's own lines say what the cluster's error messages mean for the run (`resumed from
+    # step N`): the messages themselves go to the log file.
+    ray_internals.send_ray_errors_to(log)
     if threading.current_thread() is threading.main_thread():
         # ray.init installs a SIGTERM handler that exits at once; the caller's (the CLI marks the
         # run record stopped) must survive it.
         signal.signal(signal.SIGTERM, on_sigterm)
-    log.info("connected to Ray %s (session logs: %s)", address or "embedded",
-             ray._private.worker._global_node.get_session_dir_path() if ray._private.worker._global_node else "remote")
-
-
-def _errors_to_log() -> None:
-    """Ray prints the cluster's error messages (a node that died, with a screenful of its raylet's
-    state) straight to the driver's stdout, whatever `log_to_driver` says: send them to the log
-    file instead; the stage's own lines say what it means for the run (`resumed from step N`)."""
-    worker = ray._private.worker
-    if hasattr(worker, "print_to_stdstream"):
-        worker.print_to_stdstream = lambda data, ignore_prefix=False: log.warning(
-            "ray (%s): %s", data.get("pid"), "\n".join(data.get("lines", [])))
+    log.info("connected to Ray %s (session logs: %s)", address or "embedded", ray_internals.session_dir() or "remote")
 
 
 @dataclass
@@ -72,7 +64,7 @@ def capacity(autoscaler: bool = True) -> ClusterView:
     view = ClusterView(_schedulable(ray.cluster_resources()), [_schedulable(r) for r in alive])
     head = next((_schedulable(r) for r in alive if "node:__internal_head__" in r), None)
     # An embedded Ray has no autoscaler: no need to look for one.
-    found = autoscaler_config.discover(head) if autoscaler and not _embedded() else None
+    found = autoscaler_config.discover(head) if autoscaler and not ray_internals.started_here() else None
     if found:
         view.node_types, view.most = found.shapes, found.most
     return view
@@ -82,11 +74,6 @@ def _schedulable(resources) -> dict[str, float]:
     """Without Ray's bookkeeping: node markers, memory, and placement groups' reserved shares."""
     return {k: float(v) for k, v in dict(resources).items()
             if not k.startswith("node:") and "_group_" not in k and k not in ("memory", "object_store_memory")}
-
-
-def _embedded() -> bool:
-    node = ray._private.worker._global_node
-    return node is not None and node.head  # this process started the cluster
 
 
 def request_resources(bundles: list[dict[str, float]]) -> None:

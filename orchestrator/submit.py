@@ -35,6 +35,7 @@ from pydantic import BaseModel
 
 from jobs.sources import SourceSpec
 from jobs.storage import Storage
+from orchestrator import ray_internals
 from orchestrator.errors import UserError
 from orchestrator.records import RunRecord, load_record, save_record
 from orchestrator.spec import PipelineSpec
@@ -154,6 +155,7 @@ def open_client(address: str):
     Unreachable clusters and refused tokens are UserErrors: the fix is the address, the tunnel
     or the token, and nothing has been submitted.
     """
+    ray_internals.check_ray_version()  # another Ray: one clear message now, not a missing part later
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
@@ -174,11 +176,9 @@ def _token_mode_if_token_configured() -> None:
     does not. Do as they do (an explicit RAY_AUTH_MODE is left as it is)."""
     if "RAY_AUTH_MODE" in os.environ:
         return
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+    if ray_internals.token_configured():
         os.environ["RAY_AUTH_MODE"] = "token"
-        Config.initialize("")  # Ray read the mode when it was imported
+        ray_internals.reload_ray_config()  # Ray read the mode when it was imported
 
 
 @contextlib.contextmanager
