@@ -26,7 +26,9 @@ import math
 import os
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from jobs.fields import output
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,16 +52,16 @@ class TaskSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    name: str = output(pattern=r"^[A-Za-z0-9_-]+$")
     """Label of the task in the results (letters, digits, `_`, `-`)."""
-    path: str
+    path: str = output(local="file")
     """Local JSON-lines file, one row per line (see `type` for the row format)."""
-    type: Literal["multiple_choice", "exact_match"]
+    type: Literal["multiple_choice", "exact_match"] = output()
     """multiple_choice rows: {"context", "choices" (>= 2 non-empty strings), "answer" (index)};
     exact_match rows: {"prompt", "answer"}. Other keys in a row are ignored."""
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = output(None, ge=1)
     """Evaluate only the first N rows; null for all."""
-    max_new_tokens: int = Field(16, ge=1)
+    max_new_tokens: int = output(16, ge=1)
     """Longest greedy generation per row (exact_match only)."""
 
     @model_validator(mode="after")

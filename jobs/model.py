@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from jobs.fields import output
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=256),
@@ -25,23 +27,23 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    preset: Literal["tiny", "125m", "350m", "1b"] | None = "tiny"
+    preset: Literal["tiny", "125m", "350m", "1b"] | None = output("tiny")
     """A named shape; null to give every dimension yourself."""
-    hidden_size: int | None = Field(None, ge=8)
+    hidden_size: int | None = output(None, ge=8)
     """Width of the residual stream."""
-    num_layers: int | None = Field(None, ge=1)
+    num_layers: int | None = output(None, ge=1)
     """Transformer blocks."""
-    num_heads: int | None = Field(None, ge=1)
+    num_heads: int | None = output(None, ge=1)
     """Attention heads (hidden_size must divide by it)."""
-    num_kv_heads: int | None = Field(None, ge=1)
+    num_kv_heads: int | None = output(None, ge=1)
     """Key/value heads for grouped-query attention (num_heads must divide by it)."""
-    intermediate_size: int | None = Field(None, ge=8)
+    intermediate_size: int | None = output(None, ge=8)
     """Width of the MLP."""
-    max_position_embeddings: int = Field(2048, ge=8)
+    max_position_embeddings: int = output(2048, ge=8)
     """Longest sequence the model accepts; the data's seq_len must not exceed it."""
-    rope_theta: float = Field(10000.0, gt=0)
+    rope_theta: float = output(10000.0, gt=0)
     """RoPE base."""
-    tie_embeddings: bool = True
+    tie_embeddings: bool = output(True)
     """Share the input embedding and output projection weights."""
 
     @model_validator(mode="after")

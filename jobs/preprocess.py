@@ -28,10 +28,11 @@ import tempfile
 from collections import Counter
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from jobs.commit import read_commit, upload_and_commit, verify_commit
 from jobs.faults import crash_point, journal_task
+from jobs.fields import output
 from jobs.sources import BadRecord, Shard, ShardReader
 from jobs.storage import Storage, open_storage
 from jobs.text import FilterSpec, NormalizeSpec, dedup_key, is_validation, normalize, rejection_reason
@@ -46,17 +47,17 @@ class PreprocessSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    seq_len: int = Field(1024, ge=8, le=1 << 20)
+    seq_len: int = output(1024, ge=8, le=1 << 20)
     """Tokens per packed training sequence."""
-    normalize: NormalizeSpec = NormalizeSpec()
+    normalize: NormalizeSpec = output(NormalizeSpec())
     """Text normalization applied before filtering, dedup and tokenization."""
-    filters: FilterSpec = FilterSpec()
+    filters: FilterSpec = output(FilterSpec())
     """Quality filters; drops are counted per rule in the manifest."""
-    dedup: bool = True
+    dedup: bool = output(True)
     """Drop exact duplicates (after normalization) across the whole corpus, keeping the first."""
-    validation_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    validation_fraction: float = output(0.01, ge=0.0, lt=1.0)
     """Share of documents (chosen by content hash, so stable) held out for validation."""
-    shard_mb: float = Field(64.0, gt=0.0)
+    shard_mb: float = output(64.0, gt=0.0)
     """Target shard size in MB of source data; one Ray task per shard and pass."""
 
 

@@ -13,8 +13,9 @@ import json
 import os
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
+from jobs.fields import output
 from jobs.storage import open_storage
 
 IGNORE = -100  # the label value Hugging Face models leave out of the loss
@@ -26,13 +27,13 @@ class SFTTaskSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    path: str
+    path: str = output(local="file")
     """Local JSON-lines file, one {prompt, response} object per line."""
-    prompt_field: str = "prompt"
+    prompt_field: str = output("prompt")
     """The key holding the prompt."""
-    response_field: str = "response"
+    response_field: str = output("response")
     """The key holding the response the model learns to give."""
-    seq_len: int = Field(256, ge=8)
+    seq_len: int = output(256, ge=8)
     """Tokens per row; longer examples are cut at the end (counted in `num_truncated`)."""
 
 

@@ -22,8 +22,9 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
+from jobs.fields import output
 from jobs.storage import open_storage, split_uri
 
 SourceFormat = Literal["jsonl", "json", "parquet", "text"]
@@ -36,11 +37,11 @@ class SourceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    paths: list[str] = Field(min_length=1)
+    paths: list[str] = output(min_length=1, local="glob")
     """Local paths or globs (relative to the current directory) and `s3://bucket/key` URIs or globs."""
-    format: SourceFormat = "jsonl"
+    format: SourceFormat = output("jsonl")
     """File format: jsonl (one JSON object per line), json (an array of objects), parquet, text (one document per line)."""
-    text_field: str = "text"
+    text_field: str = output("text")
     """The field holding the document text (ignored for `text`)."""
 
     @field_validator("paths")

@@ -12,7 +12,9 @@ import re
 import unicodedata
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
+
+from jobs.fields import output
 
 # Matches only what changes: a single ordinary space is left alone (most of the text).
 _SPACES = re.compile(r"[ \t\f\v\u00a0]{2,}|[\t\f\v\u00a0]")
@@ -25,11 +27,11 @@ class NormalizeSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    unicode: Literal["NFC", "NFKC", "none"] = "NFC"
+    unicode: Literal["NFC", "NFKC", "none"] = output("NFC")
     """Unicode normal form applied to every document (`none` keeps the text as read)."""
-    collapse_whitespace: bool = True
+    collapse_whitespace: bool = output(True)
     """Collapse runs of spaces/tabs to one space and 3+ newlines to a blank line."""
-    strip: bool = True
+    strip: bool = output(True)
     """Strip leading and trailing whitespace."""
 
 
@@ -38,15 +40,15 @@ class FilterSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_chars: int = Field(1, ge=0)
+    min_chars: int = output(1, ge=0)
     """Drop documents shorter than this many characters (after normalization)."""
-    max_chars: int | None = Field(None, ge=1)
+    max_chars: int | None = output(None, ge=1)
     """Drop documents longer than this many characters; null for no limit."""
-    min_words: int = Field(0, ge=0)
+    min_words: int = output(0, ge=0)
     """Drop documents with fewer whitespace-separated words."""
-    min_alpha_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    min_alpha_fraction: float = output(0.0, ge=0.0, le=1.0)
     """Drop documents whose share of alphabetic characters is below this (markup, tables, noise)."""
-    max_duplicate_line_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    max_duplicate_line_fraction: float = output(1.0, ge=0.0, le=1.0)
     """Drop documents where more than this share of non-empty lines repeat (boilerplate)."""
 
 

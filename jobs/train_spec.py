@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
+from jobs.fields import operational, output
 from jobs.model import ModelSpec
 
 
@@ -15,39 +16,39 @@ class TrainSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = output(ModelSpec())
     """The model's shape."""
-    steps: int = Field(1000, ge=1)
+    steps: int = output(1000, ge=1)
     """Optimizer steps in all."""
-    micro_batch: int = Field(4, ge=1)
+    micro_batch: int = output(4, ge=1)
     """Sequences per worker per forward pass."""
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = output(1, ge=1)
     """Micro batches per optimizer step."""
-    lr: float = Field(3e-4, gt=0)
+    lr: float = output(3e-4, gt=0)
     """Peak learning rate."""
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    min_lr_ratio: float = output(0.1, ge=0, le=1)
     """The cosine schedule ends at lr x this."""
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = output(100, ge=0)
     """Linear warmup from 0 to lr."""
-    weight_decay: float = Field(0.1, ge=0)
+    weight_decay: float = output(0.1, ge=0)
     """AdamW weight decay (not applied to norms and biases)."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = output((0.9, 0.95))
     """AdamW betas."""
-    grad_clip: float = Field(1.0, gt=0)
+    grad_clip: float = output(1.0, gt=0)
     """Gradient-norm clipping."""
-    zero_stage: Literal[1, 2, 3] = 2
+    zero_stage: Literal[1, 2, 3] = output(2)
     """DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = output("auto")
     """auto: bf16 on GPUs, fp32 on CPUs."""
-    checkpoint_every: int = Field(100, ge=1)
+    checkpoint_every: int = output(100, ge=1)
     """Steps between checkpoints (the last step always checkpoints)."""
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = output(2, ge=1)
     """Checkpoints kept, newest first..."""
-    keep_every: int = Field(0, ge=0)
+    keep_every: int = output(0, ge=0)
     """...plus every checkpoint whose step is a multiple of this (0: none)."""
-    seed: int = 0
+    seed: int = output(0)
     """Seeds the weights and the data order."""
-    log_every: int = Field(10, ge=1)
+    log_every: int = operational(10, ge=1)
     """Steps between progress reports."""
-    deepspeed_config: str | None = None
+    deepspeed_config: str | None = output(None, local="file")
     """A DeepSpeed JSON file merged over the generated config; its "auto" values come from here."""

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 
 from jobs.commit import read_commit, verify_commit
+from jobs.fields import output_fields
 from jobs.sources import SourceError, list_source_files
 from jobs.storage import Storage, open_storage
 from orchestrator.errors import UserError
@@ -48,7 +49,8 @@ def make_plan(spec: PipelineSpec, storage: Storage, run_id: str | None = None) -
     for name in spec.topological_order():
         stage = spec.stages[name]
         upstream = spec.upstream(name)
-        fields = stage.model_dump(mode="json", exclude={"kind", *upstream, *getattr(stage, "NOT_HASHED", ())})
+        # Operational fields (jobs.fields) are left out: changing how a stage runs reuses its output.
+        fields = {k: v for k, v in output_fields(stage).items() if k not in {"kind", *upstream}}
         inputs = {
             "kind": stage.kind,
             "name": name,
@@ -108,11 +110,19 @@ def _fingerprint(name: str, stage) -> list:
     local_dirs += [ref.path for ref in refs if isinstance(ref, LocalPath)]
     for path in local_dirs:
         entries += _directory_fingerprint(name, path)
-    task_files = [getattr(stage, "task", None), *getattr(stage, "tasks", [])]
-    for task in filter(None, task_files):
-        st = os.stat(task.path)  # validation has read it
-        entries.append([_display(task.path), st.st_size, f"{st.st_mtime_ns}-{st.st_ctime_ns}"])
+    task_files = [task.path for task in [getattr(stage, "task", None), *getattr(stage, "tasks", [])] if task]
+    for path in task_files + [p for p in [getattr(stage, "deepspeed_config", None)] if p]:
+        st = _stat(name, path)
+        entries.append([_display(path), st.st_size, f"{st.st_mtime_ns}-{st.st_ctime_ns}"])
     return entries
+
+
+def _stat(name: str, path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError as e:
+        raise UserError(f"stages.{name}: cannot read {path!r} ({e.strerror}; relative paths are read from "
+                        f"{os.getcwd()})") from None
 
 
 def _directory_fingerprint(name: str, path: str) -> list:

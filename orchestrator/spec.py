@@ -21,10 +21,10 @@ import typing
 from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from jobs.evaluate import TaskSpec
+from jobs.fields import operational, output, output_fields
 from jobs.preprocess import PreprocessSpec
 from jobs.sft import SFTTaskSpec
 from jobs.sources import SourceSpec
@@ -42,7 +42,7 @@ class LocalPath(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    path: str
+    path: str = output(local="dir")
     """Local directory (relative to the current directory)."""
 
 
@@ -62,18 +62,18 @@ class TokenizerStage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {}
 
-    kind: Literal["tokenizer"]
-    source: SourceSpec | None = None
+    kind: Literal["tokenizer"] = output()
+    source: SourceSpec | None = output(None)
     """The corpus to train on (give this or `path`)."""
-    path: str | None = None
+    path: str | None = output(None, local="dir")
     """A local Hugging Face tokenizer directory to adopt instead of training (give this or `source`)."""
-    normalize: NormalizeSpec = NormalizeSpec()
+    normalize: NormalizeSpec = output(NormalizeSpec())
     """Normalization of the training sample; keep it equal to the preprocess stage's."""
-    vocab_size: int = Field(8192, ge=258, le=1 << 20)
+    vocab_size: int = output(8192, ge=258, le=1 << 20)
     """Vocabulary size including the 256 byte tokens and the special tokens."""
-    min_frequency: int = Field(2, ge=1)
+    min_frequency: int = output(2, ge=1)
     """Minimum count of a pair to be merged."""
-    sample_mb: float = Field(64.0, gt=0)
+    sample_mb: float = output(64.0, gt=0)
     """MB of text sampled evenly across the corpus to train on."""
 
     @model_validator(mode="after")
@@ -88,10 +88,10 @@ class PreprocessStage(PreprocessSpec):
 
     REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"tokenizer": ("tokenizer",)}
 
-    kind: Literal["preprocess"]
-    source: SourceSpec
+    kind: Literal["preprocess"] = output()
+    source: SourceSpec = output()
     """The corpus."""
-    tokenizer: str | LocalPath
+    tokenizer: str | LocalPath = output()
     """A tokenizer stage's name, or {path: DIR} for a local Hugging Face tokenizer."""
 
     _tokenizer_or_path = field_validator("tokenizer", mode="before")(lambda cls, v: _stage_or_path(v, "a tokenizer"))
@@ -100,20 +100,18 @@ class PreprocessStage(PreprocessSpec):
 class TrainStage(TrainSpec):
     """What pretraining and fine-tuning share: the worker group and its failure policy."""
 
-    NOT_HASHED: ClassVar[set[str]] = {"max_failures", "resources_per_worker"}  # where it runs, not what it computes
-
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = output(2, ge=1)
     """Training workers (one per GPU, or CPU processes with gloo)."""
-    use_gpu: bool = False
+    use_gpu: bool = output(False)
     """One GPU per worker, NCCL and bf16; otherwise CPU workers with gloo and fp32."""
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = operational(1.0, gt=0)
     """CPUs reserved for each worker."""
-    resources_per_worker: dict[str, float] = {}
+    resources_per_worker: dict[str, float] = operational({})
     """Custom Ray resources each worker also needs, such as `{H100: 1}` or a node type's marker:
     the workers go only to nodes that offer them, and the autoscaler adds such nodes."""
-    max_failures: int = Field(2, ge=0)
+    max_failures: int = operational(2, ge=0)
     """Worker-group restarts allowed; each resumes from the newest committed checkpoint."""
-    global_batch: int | None = Field(None, ge=1)
+    global_batch: int | None = output(None, ge=1)
     """Sequences per optimizer step; sets grad_accum = global_batch / (micro_batch x num_workers)."""
 
     @model_validator(mode="after")
@@ -150,10 +148,10 @@ class PretrainStage(TrainStage):
 
     REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"data": ("preprocess",)}
 
-    kind: Literal["pretrain"]
-    data: str
+    kind: Literal["pretrain"] = output()
+    data: str = output()
     """The preprocess stage whose train split to train on."""
-    init: Literal["previous"] | None = None
+    init: Literal["previous"] | None = output(None)
     """`previous`: start from the weights this stage ended with in the pipeline's newest successful
     run (nightly continued training); from random weights when there is none or `model` changed."""
 
@@ -164,20 +162,20 @@ class FinetuneStage(TrainStage):
 
     REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"init": ("pretrain", "finetune"), "data": ("preprocess",)}
 
-    kind: Literal["finetune"]
-    init: str | LocalPath
+    kind: Literal["finetune"] = output()
+    init: str | LocalPath = output()
     """A training stage to start from (its export, or its checkpoint at `init_step`), or {path: HF_DIR}."""
-    init_step: int | None = Field(None, ge=1)
+    init_step: int | None = output(None, ge=1)
     """Start from this committed checkpoint step of `init` instead of its final export."""
-    task: SFTTaskSpec | None = None
+    task: SFTTaskSpec | None = output(None)
     """Supervised fine-tuning data: a prompt/response JSON-lines file (give this or `data`)."""
-    data: str | None = None
+    data: str | None = output(None)
     """Continued pretraining: a preprocess stage's sequences (give this or `task`)."""
-    steps: int = Field(200, ge=1)
+    steps: int = output(200, ge=1)
     """Optimizer steps in all."""
-    lr: float = Field(1e-4, gt=0)
+    lr: float = output(1e-4, gt=0)
     """Peak learning rate (lower than pretraining's: the weights are already trained)."""
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = output(10, ge=0)
     """Linear warmup from 0 to lr."""
 
     _init_or_path = field_validator("init", mode="before")(lambda cls, v: _stage_or_path(v, "a training"))
@@ -198,9 +196,9 @@ class ModelRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    stage: str
+    stage: str = output()
     """The training stage."""
-    step: int = Field(ge=1)
+    step: int = output(ge=1)
     """The checkpoint's step (it must be committed and kept by retention)."""
 
 
@@ -226,22 +224,22 @@ class EvaluateStage(BaseModel):
                                                         "follow": ("pretrain", "finetune")}
     BESIDE: ClassVar[set[str]] = {"follow"}  # references that let this stage start while the other one runs
 
-    kind: Literal["evaluate"]
-    models: list[ModelEntry] = []
+    kind: Literal["evaluate"] = output()
+    models: list[ModelEntry] = output([])
     """Training stages (their exports), {stage, step} checkpoints, or {path: HF_DIR} directories."""
-    follow: str | None = None
+    follow: str | None = output(None)
     """A training stage whose every checkpoint is evaluated as it gets committed, while it trains."""
-    data: str | None = None
+    data: str | None = output(None)
     """A preprocess stage: perplexity on its validation split."""
-    tasks: list[TaskSpec] = []
+    tasks: list[TaskSpec] = output([])
     """Multiple-choice and exact-match tasks from local JSON-lines files."""
-    max_val_sequences: int = Field(256, ge=1)
+    max_val_sequences: int = output(256, ge=1)
     """Validation sequences scored for perplexity, at most."""
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = output(8, ge=1)
     """Sequences per forward pass."""
-    cpus: float = Field(1.0, gt=0)
+    cpus: float = operational(1.0, gt=0)
     """CPUs reserved while evaluating."""
-    use_gpu: bool = False
+    use_gpu: bool = output(False)
     """Evaluate on one GPU."""
 
     @model_validator(mode="after")
@@ -343,8 +341,10 @@ class PipelineSpec(BaseModel):
         return order
 
     def spec_hash(self) -> str:
-        """Identifies the pipeline's content (not where it is stored)."""
-        body = json.dumps(self.model_dump(mode="json", exclude={"storage"}), sort_keys=True)
+        """Identifies what the pipeline computes: not where it is stored, when it is scheduled, or
+        its stages' operational fields, so that a run resumed after such a change is accepted."""
+        body = json.dumps({"name": self.name, "stages": {n: output_fields(s) for n, s in self.stages.items()},
+                           "gate": self.gate.model_dump(mode="json") if self.gate else None}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()
 
 

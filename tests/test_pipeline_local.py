@@ -1,6 +1,6 @@
 """The whole pipeline end to end on S3 (a moto server on 127.0.0.1): tokenizer → preprocess →
 pretrain → two fine-tunes side by side → evaluate; a cached rerun; a driver killed with SIGKILL
-mid-pretraining and resumed under the same run id.
+mid-pretraining and resumed under the same run id (after an operational change).
 
 Outcomes are checked independently of the stages' own reports: the task loss is recomputed
 from the exported models with transformers, the schedule from the record's timestamps.
@@ -142,11 +142,15 @@ def test_a_driver_killed_mid_pretraining_resumes_under_the_same_run_id(s3_bucket
 
     killed = load_record(open_storage(storage), "kill")
     assert killed.status == "running" and killed.stages["pretrain"].status == "running"  # what kill -9 leaves
+    # Resumed with operational changes only (another log interval, more restarts allowed): the
+    # same run and the same checkpoints, and the new interval takes effect.
     start_ray()
+    raw["stages"]["pretrain"].update(log_every=5, max_failures=2)
     resumed = run(yaml.safe_dump({**raw, "storage": storage}), run_id="kill")
     stage = resumed.stages["pretrain"]
     assert resumed.status == "succeeded" and resumed.attempts == 2
     assert stage.attempts == 2 and stage.metrics["resumed_from"] >= 10
+    assert "step     55" in open_storage(storage).read_bytes("runs/kill/logs/pretrain.log").decode()
     assert resumed.stages["tok"].cached and resumed.stages["corpus"].cached
     assert committed_steps(open_storage(stage.output_uri).sub("ckpt"))[0][0] == 60
 
