@@ -50,7 +50,7 @@ _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a bo
 class TaskSpec(BaseModel):
     """One evaluation task: a JSON-lines file of rows and how to score them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     name: str = output(pattern=r"^[A-Za-z0-9_-]+$")
     """Label of the task in the results (letters, digits, `_`, `-`)."""

@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, int]] = {
 class ModelSpec(BaseModel):
     """Model shape. A preset fills every dimension that is not given explicitly."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     preset: Literal["tiny", "125m", "350m", "1b"] | None = output("tiny")
     """A named shape; null to give every dimension yourself."""

@@ -45,7 +45,7 @@ _ENCODE_BATCH = 512
 class PreprocessSpec(BaseModel):
     """How a corpus becomes packed token sequences."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     seq_len: int = output(1024, ge=8, le=1 << 20)
     """Tokens per packed training sequence."""

@@ -25,7 +25,7 @@ MAX_SHOWN = 10
 class SFTTaskSpec(BaseModel):
     """A prompt/response JSON-lines file to fine-tune on."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     path: str = output(local="file")
     """Local JSON-lines file, one {prompt, response} object per line."""

@@ -35,7 +35,7 @@ _READ_AHEAD = 1 << 20  # bytes fetched at a time to finish a shard's last line
 class SourceSpec(BaseModel):
     """Where a corpus is read from."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     paths: list[str] = output(min_length=1, local="glob")
     """Local paths or globs (relative to the current directory) and `s3://bucket/key` URIs or globs."""

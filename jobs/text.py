@@ -25,7 +25,7 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 class NormalizeSpec(BaseModel):
     """How raw text is normalized before filtering, dedup and tokenization."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     unicode: Literal["NFC", "NFKC", "none"] = output("NFC")
     """Unicode normal form applied to every document (`none` keeps the text as read)."""
@@ -38,7 +38,7 @@ class NormalizeSpec(BaseModel):
 class FilterSpec(BaseModel):
     """Quality rules; a document failing any of them is dropped and counted under the rule's name."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     min_chars: int = output(1, ge=0)
     """Drop documents shorter than this many characters (after normalization)."""

@@ -14,7 +14,7 @@ from jobs.model import ModelSpec
 class TrainSpec(BaseModel):
     """How a model trains; shared by pretraining and fine-tuning stages."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     model: ModelSpec = output(ModelSpec())
     """The model's shape."""

@@ -38,7 +38,7 @@ def parse_duration(text: str) -> timedelta:
 
 
 class ScheduleSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     cron: str
     """Five cron fields (minute hour day-of-month month day-of-week), in `timezone`'s wall-clock time."""
@@ -98,7 +98,7 @@ class ScheduleSpec(BaseModel):
 
 
 class GateMetric(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     name: str
     """`<model>/<task>/<metric>` in the gate stage's results; `<model>/perplexity/perplexity` for perplexity."""
@@ -116,7 +116,7 @@ class GateMetric(BaseModel):
 
 
 class GateSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     stage: str
     """The evaluate stage whose results are compared."""

@@ -40,7 +40,7 @@ STAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 class LocalPath(BaseModel):
     """A directory on the driver's disk, instead of a stage's output."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     path: str = output(local="dir")
     """Local directory (relative to the current directory)."""
@@ -59,7 +59,7 @@ def _stage_or_path(value, what: str):
 class TokenizerStage(BaseModel):
     """Trains a byte-level BPE on a sample of `source`, or adopts the tokenizer at `path`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
     REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     kind: Literal["tokenizer"] = output()
@@ -194,7 +194,7 @@ class FinetuneStage(TrainStage):
 class ModelRef(BaseModel):
     """One committed checkpoint of a training stage."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     stage: str = output()
     """The training stage."""
@@ -219,7 +219,7 @@ class EvaluateStage(BaseModel):
     """Evaluates models: perplexity on a preprocess stage's held-out split, multiple-choice tasks by
     log-likelihood, exact match on short generations; a comparison table in the run record."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
     REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"models": ("pretrain", "finetune"), "data": ("preprocess",),
                                                         "follow": ("pretrain", "finetune")}
     BESIDE: ClassVar[set[str]] = {"follow"}  # references that let this stage start while the other one runs
@@ -297,7 +297,7 @@ def references(stage_model: type[BaseModel], raw_or_stage) -> list[tuple[str, st
 class PipelineSpec(BaseModel):
     """One pipeline: named stages whose references form a DAG."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     name: str
     """Pipeline name: lowercase letters, digits and dashes."""
