@@ -22,6 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from jobs.commit import read_commit, verify_commit, write_commit
 from jobs.storage import Storage
+from orchestrator import lease as lease_protocol
 from orchestrator import ray_runtime, resources
 from orchestrator.console import Console, StageConsole
 from orchestrator.errors import UserError
@@ -44,7 +45,7 @@ def run_pipeline(spec: PipelineSpec, storage: Storage, run_id: str | None = None
     plan = make_plan(spec, storage, run_id)
     record = _start_record(spec, storage, run_id, plan)
     console.line(f"run {record.run_id} (attempt {record.attempts}) → {storage.uri}")
-    runner = _Runner(record, storage, console)
+    runner = _Runner(record, storage, console, lease_timeout_s=spec.lease_timeout_s)
     try:
         for p in plan:
             if p.cached:
@@ -57,12 +58,14 @@ def run_pipeline(spec: PipelineSpec, storage: Storage, run_id: str | None = None
         if spec.gate is not None:
             record.gate = apply_gate(spec.gate, record, storage)  # the summary says what it decided
     except KeyboardInterrupt:
+        runner.stopping.set()
         record.status = "stopped"
         for stage in record.stages.values():
             if stage.status == "running":
                 stage.status, stage.error, stage.finished_at = "stopped", "interrupted", time.time()
         raise
     except BaseException:
+        runner.stopping.set()
         record.status = "failed"
         raise
     finally:
@@ -80,8 +83,12 @@ def _write_report(storage: Storage, record: RunRecord) -> None:
 
 
 class _Runner:
-    def __init__(self, record: RunRecord, storage: Storage, console: Console):
+    def __init__(self, record: RunRecord, storage: Storage, console: Console,
+                 lease_timeout_s: float = lease_protocol.DEFAULT_TIMEOUT_S, lease_poll_s: float = 2.0):
         self.record, self.storage, self.console = record, storage, console
+        self.lease_timeout_s, self.lease_poll_s = lease_timeout_s, lease_poll_s
+        self.stopping = threading.Event()  # set when the run stops: stages waiting on a lease give up
+        self.waited_on: dict[str, str] = {}  # stage -> the run whose lease it waited on
         self._lock = threading.Lock()  # stage threads update one record
 
     def save(self) -> None:
@@ -167,9 +174,7 @@ class _Runner:
     def _run_stage(self, p: PlannedStage, need: resources.Resources) -> None:
         stage = self.record.stages[p.name]
         out = self.storage.sub(p.key)
-        if out.exists(COMMIT_FILE):  # present but did not verify: move it out of the way to redo the stage
-            log.warning("stage %s: discarding a commit that does not verify: %s", p.name, p.reason)
-            out.delete(COMMIT_FILE)
+        attempts_before = stage.attempts
         stage.status, stage.cached, stage.reason, stage.error = "running", False, p.reason, None
         stage.attempts += 1
         stage.started_at, stage.finished_at = time.time(), None
@@ -179,26 +184,79 @@ class _Runner:
         with StageLog(self.storage, self.record.run_id, p.name) as stage_log:
             stage_log.write(f"start {p.kind} -> {p.uri} ({p.reason}), attempt {stage.attempts}")
             console = StageConsole(self.console, p.name, stage_log.write)
-            nodes_up = self._watch_nodes(need, console)
             try:
-                context = StageContext(p.name, p.hash, p.spec, out, p.upstream_uris, console, self._is_running)
-                output = executor(p.kind)(context)
-                stage.attempts += output.attempts - 1
-                meta = {"stage": p.name, "kind": p.kind, "hash": p.hash, "inputs": p.inputs, "metrics": output.metrics}
-                if not write_commit(out, COMMIT_FILE, output.files, meta) and verify_commit(out, COMMIT_FILE):
-                    raise RuntimeError(f"stage {p.name}: another commit appeared at {out.url(COMMIT_FILE)} and does not verify")
-                stage.status, stage.metrics = "succeeded", output.metrics
+                lease = self._lease(p, out, console)
+                if lease is None:  # another run computed it while this one waited
+                    stage.attempts = attempts_before
+                    self._cached_by_another_run(p, out, stage)
+                else:
+                    with lease:
+                        self._compute(p, out, need, stage, console, lease)
             except BaseException as e:
-                stage.status, stage.error = "failed", f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
-                log.exception("stage %s failed", p.name)
+                stopped = isinstance(e, (KeyboardInterrupt, lease_protocol.WaitStopped))
+                stage.status = "stopped" if stopped else "failed"
+                stage.error = ("interrupted" if stopped else str(e) if isinstance(e, UserError)
+                               else f"{type(e).__name__}: {e}")
+                log.exception("stage %s %s", p.name, stage.status)
                 stage_log.write(traceback.format_exc())
                 raise
             finally:
-                nodes_up.set()
                 stage.finished_at = time.time()
-                stage_log.write(f"end {stage.status} after {stage.finished_at - stage.started_at:.1f}s")
+                how = f" ({stage.reason})" if stage.cached else ""
+                stage_log.write(f"end {stage.status}{how} after {stage.finished_at - stage.started_at:.1f}s")
         self.save()
         self.console.stage_finished(p.name, stage)
+
+    def _lease(self, p: PlannedStage, out: Storage, console: StageConsole) -> lease_protocol.Lease | None:
+        """The lease to compute the stage under; None once its output is committed by whichever run
+        held the lease. Waiting says who holds it, and stops when the run does."""
+        def committed() -> bool:
+            return out.exists(COMMIT_FILE) and not verify_commit(out, COMMIT_FILE)
+
+        def say_who_holds(held: lease_protocol.HeldBy) -> None:
+            r = held.record
+            since = time.strftime("%H:%M:%S UTC", time.gmtime(r.acquired_at))
+            console.line(f"waiting: run {r.run_id} (pid {r.pid} on {r.host}) has been computing this output since "
+                         f"{since}, last heartbeat {held.age_s:.0f}s ago; this run uses its commit, or takes over "
+                         f"{r.timeout_s:.0f}s after its last heartbeat. If that run is gone: "
+                         f"orchestrator lease break {out.uri}")
+            self.waited_on[p.name] = r.run_id
+
+        lease = lease_protocol.wait_for(out, self.record.run_id, p.name, committed, say_who_holds,
+                                        timeout_s=self.lease_timeout_s, poll_s=self.lease_poll_s,
+                                        wait=self.stopping.wait)
+        if lease is not None and lease.took_over is not None:
+            gone = lease.took_over.record
+            whose = "this run's earlier driver" if gone.run_id == self.record.run_id else f"run {gone.run_id}"
+            console.line(f"took over from {whose} ({lease.took_over.why}); resuming from its committed work")
+        return lease
+
+    def _cached_by_another_run(self, p: PlannedStage, out: Storage, stage) -> None:
+        holder = self.waited_on.get(p.name) or getattr(lease_protocol.read_latest(out), "run_id", None)
+        stage.status, stage.cached = "succeeded", True
+        stage.reason = f"cached: computed by run {holder}" if holder else "cached: committed meanwhile"
+        stage.metrics = (read_commit(out, COMMIT_FILE) or {}).get("metrics", {})
+
+    def _compute(self, p: PlannedStage, out: Storage, need: resources.Resources, stage, console: StageConsole,
+                 lease: lease_protocol.Lease) -> None:
+        if out.exists(COMMIT_FILE):  # present but did not verify: move it out of the way to redo the stage
+            log.warning("stage %s: discarding a commit that does not verify: %s", p.name, p.reason)
+            out.delete(COMMIT_FILE)
+        nodes_up = self._watch_nodes(need, console)
+        try:
+            context = StageContext(p.name, p.hash, p.spec, out, p.upstream_uris, console, self._is_running)
+            output = executor(p.kind)(context)
+        finally:
+            nodes_up.set()
+        stage.attempts += output.attempts - 1
+        if not lease.still_held():
+            holder = lease_protocol.read_latest(out)
+            raise RuntimeError(f"stage {p.name}: lost the lease on {out.uri} to "
+                               f"{holder.broken_by or 'run ' + holder.run_id}; not committing over its work")
+        meta = {"stage": p.name, "kind": p.kind, "hash": p.hash, "inputs": p.inputs, "metrics": output.metrics}
+        if not write_commit(out, COMMIT_FILE, output.files, meta) and verify_commit(out, COMMIT_FILE):
+            raise RuntimeError(f"stage {p.name}: another commit appeared at {out.url(COMMIT_FILE)} and does not verify")
+        stage.status, stage.metrics = "succeeded", output.metrics
 
 
 def _ready(p: PlannedStage, succeeded: set[str], running) -> bool:

@@ -31,6 +31,7 @@ from jobs.sources import SourceSpec
 from jobs.text import NormalizeSpec
 from jobs.train_spec import TrainSpec
 from orchestrator.errors import SpecError
+from orchestrator.lease import DEFAULT_TIMEOUT_S as DEFAULT_LEASE_TIMEOUT_S
 from orchestrator.schedule_spec import GateSpec, ScheduleSpec
 
 PIPELINE_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
@@ -309,6 +310,10 @@ class PipelineSpec(BaseModel):
     """When `orchestrator schedule` runs it (cron); see orchestrator/schedule_spec.py."""
     gate: GateSpec | None = None
     """The regression gate: which runs move the `latest` / `best` model aliases."""
+    lease_timeout_s: float = Field(DEFAULT_LEASE_TIMEOUT_S, ge=5)
+    """While a run computes a stage it holds a lease on its output, so that another run of the same
+    stage waits for it; after this many seconds without the holder's heartbeat (it died), a waiting
+    run takes the stage over and resumes from its commits. Not part of any hash."""
 
     @field_validator("name")
     @classmethod

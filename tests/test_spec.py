@@ -106,7 +106,7 @@ def test_many_mistakes_are_all_reported_at_once_with_field_paths():
     # unknown keys, with a did-you-mean and the valid fields (top level, stage level, nested)
     top = one_problem_starting(problems, "nme")
     assert "unknown field" in top and "did you mean 'name'?" in top
-    assert "gate, name, schedule, stages, storage" in top
+    assert "gate, lease_timeout_s, name, schedule, stages, storage" in top
     stage_key = one_problem_starting(problems, "stages.tok.vocab_sise")
     assert "did you mean 'vocab_size'?" in stage_key and "min_frequency" in stage_key
     nested = one_problem_starting(problems, "stages.tok.source.text_feild")
@@ -273,7 +273,7 @@ def test_wrong_type_of_tokenizer_reference_is_one_problem_at_its_path():
 
 def test_unknown_key_without_a_close_match_reads_well():
     problems = _problems(yaml.safe_dump({"name": "t", "zzzzzz": 1, "stages": {"tok": TOK}}))
-    assert problems == ["zzzzzz: unknown field; valid fields: gate, name, schedule, stages, storage"]
+    assert problems == ["zzzzzz: unknown field; valid fields: gate, lease_timeout_s, name, schedule, stages, storage"]
 
 
 @pytest.mark.parametrize("text, path", [
