@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -117,11 +118,50 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help=job_storage)
     p.set_defaults(command=_stop)
 
+    p = sub.add_parser("lease", help="show or break the lease a run holds on a stage output (a run that died "
+                                     "leaves one that others wait out for lease_timeout_s)")
+    p.add_argument("action", choices=["show", "break"])
+    p.add_argument("stage_uri", metavar="STAGE_OUTPUT_URI", help="the stage's output, e.g. "
+                                                               "s3://bucket/prefix/stages/pretrain-1a2b3c4d")
+    p.set_defaults(command=_lease)
+
     p = sub.add_parser("report", help="write (or refresh) a run's report: stages, loss curves, evaluation, models")
     p.add_argument("run_id")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: %(default)s)")
     p.set_defaults(command=_report)
     return parser
+
+
+def _lease(args) -> int:
+    import getpass
+    import socket
+
+    from orchestrator import lease
+
+    if not re.search(r"/stages/[a-z0-9][a-z0-9_-]*-[0-9a-f]{8}/?$", args.stage_uri):
+        raise UserError(f"{args.stage_uri!r} is not a stage output; give one that ends in /stages/<name>-<hash>, "
+                        "as the waiting run's message or `orchestrator plan` prints it")
+    stage_dir = _storage(None, args.stage_uri)
+    held = lease.read_latest(stage_dir)
+    if args.action == "show" or held is None or held.released:
+        if held is None:
+            print(f"{args.stage_uri}: no lease")
+        else:
+            state = ("broken by " + held.broken_by if held.broken_by else "released") if held.released else "held"
+            print(f"{args.stage_uri}: {state}: run {held.run_id} (pid {held.pid} on {held.host}) since "
+                  f"{_utc(held.acquired_at)}, last heartbeat {time.time() - held.heartbeat_at:.0f}s ago")
+        return EXIT_OK
+    broken = lease.break_lease(stage_dir, by=f"{getpass.getuser()}@{socket.gethostname()} via the CLI")
+    if broken is None:
+        print(f"{args.stage_uri}: released meanwhile; nothing to break")
+    else:
+        print(f"{args.stage_uri}: broke run {broken.run_id}'s lease (pid {broken.pid} on {broken.host}); "
+              "if it is alive it stops without committing, and the next run to look computes the stage")
+    return EXIT_OK
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 def _storage(spec: PipelineSpec | None, override: str | None):
