@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 
 from pydantic import BaseModel
 
-from jobs.sources import SourceSpec
+from jobs.fields import local_kind
 from jobs.storage import Storage
 from orchestrator import ray_internals
 from orchestrator.errors import UserError
@@ -42,8 +42,6 @@ from orchestrator.spec import PipelineSpec
 
 PIPELINE_KEY, STORAGE_KEY = "orchestrator.pipeline", "orchestrator.storage"
 """Job metadata: which pipeline a job runs, and where its run record is."""
-LOCAL_PATH_FIELDS = ("path", "deepspeed_config")
-"""Spec fields naming one local file or directory (a source's `paths` are globs, handled apart)."""
 MAX_SHIPPED_BYTES = 100 << 20
 """Ray keeps the working_dir in its control store: large data belongs on S3."""
 STOP_TIMEOUT_S = 60.0
@@ -69,16 +67,18 @@ def storage_for_cluster(uri: str) -> str:
 
 
 def local_paths(spec: PipelineSpec) -> list[tuple[str, str, bool]]:
-    """(field path, local path, is a source glob) of every local file or directory the spec names."""
+    """(field path, local path, is a source glob) of every local file or directory the spec names:
+    the fields declared with `local=` (jobs.fields)."""
     found: list[tuple[str, str, bool]] = []
 
     def visit(node, where: str) -> None:
-        if isinstance(node, SourceSpec):
-            found.extend((f"{where}.paths[{i}]", p, True) for i, p in enumerate(node.paths) if not p.startswith("s3://"))
-        elif isinstance(node, BaseModel):
-            for name in type(node).model_fields:
-                value = getattr(node, name)
-                if name in LOCAL_PATH_FIELDS and isinstance(value, str):
+        if isinstance(node, BaseModel):
+            for name, info in type(node).model_fields.items():
+                value, kind = getattr(node, name), local_kind(info)
+                if kind == "glob":  # a source's paths: s3:// URIs among them are read where they are
+                    found.extend((f"{where}.{name}[{i}]", p, True) for i, p in enumerate(value)
+                                 if not p.startswith("s3://"))
+                elif kind and isinstance(value, str):
                     found.append((f"{where}.{name}", value, False))
                 else:
                     visit(value, f"{where}.{name}")
