@@ -68,3 +68,21 @@ def _output_value(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _output_value(v) for k, v in value.items()}
     return to_jsonable_python(value)
+
+
+def local_fields(model: BaseModel, where: str = "") -> list[tuple[str, BaseModel, LocalKind, Any]]:
+    """(field path, the model holding it, its local kind, its value) of every set field declared
+    `local=`, at any depth: the files on the driver's disk that the model names."""
+    found = []
+    for name, info in type(model).model_fields.items():
+        value, path = getattr(model, name), f"{where}.{name}" if where else name
+        kind = local_kind(info)
+        if kind and value:
+            found.append((path, model, kind, value))
+        elif isinstance(value, BaseModel):
+            found += local_fields(value, path)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    found += local_fields(item, f"{path}[{i}]")
+    return found

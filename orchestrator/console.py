@@ -13,6 +13,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from orchestrator.gate import GateResult
+from orchestrator.kinds import KINDS
 from orchestrator.records import RunRecord, StageRecord
 
 
@@ -47,7 +48,7 @@ class Console:
             how = "cached" if stage.cached else _elapsed(stage)
             self.line(f"  {name:<12} {stage.kind:<11} {stage.status:<10} {how:>7}  {key_metrics(stage)}")
         exports = [(name, s.output_uri) for name, s in record.stages.items()
-                   if s.kind in ("pretrain", "finetune") and s.status == "succeeded"]
+                   if KINDS[s.kind].exports_model and s.status == "succeeded"]
         for name, uri in exports:
             self.line(f"model:  {name} → {uri.rstrip('/')}/hf/")
         if record.gate is not None:
@@ -82,30 +83,9 @@ def gate_summary(gate: GateResult) -> str:
 
 
 def key_metrics(stage: StageRecord) -> str:
-    m = stage.metrics
-    if stage.kind == "tokenizer" and "vocab_size" in m:
-        return f"vocab {m['vocab_size']}"
-    if stage.kind == "preprocess" and "num_tokens" in m:
-        return (f"{m['num_documents']:,} docs, {m['num_tokens']:,} tokens, "
-                f"{m['num_sequences']:,} seqs, {sum(m.get('drops', {}).values()):,} dropped")
-    if stage.kind in ("pretrain", "finetune") and m.get("final_loss") is not None:
-        resumed = f", resumed from step {m['resumed_from']}" if m.get("resumed_from") is not None else ""
-        return f"loss {m['final_loss']:.3f}, {m['tokens_per_s']:,.0f} tokens/s{resumed}"
-    if stage.kind == "evaluate" and m.get("results"):
-        return "; ".join(f"{label}: {evaluation_summary(result)}" for label, result in m["results"].items())
-    return ""
-
-
-def evaluation_summary(result: dict) -> str:
-    """One model's evaluation in a few words: perplexity and each task's main metric."""
-    parts = []
-    if "perplexity" in result:
-        parts.append(f"perplexity {result['perplexity']['perplexity']:.2f}")
-    for name, metrics in result.get("tasks", {}).items():
-        main = next((k for k in ("acc", "exact_match") if k in metrics), None)
-        if main:
-            parts.append(f"{name} {main} {metrics[main]:.3f}")
-    return ", ".join(parts)
+    """The stage's key metrics in a few words, as its kind summarizes them."""
+    kind = KINDS.get(stage.kind)
+    return kind.summarize(stage.metrics) if kind else ""
 
 
 def _elapsed(stage: StageRecord) -> str:

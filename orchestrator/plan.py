@@ -17,14 +17,15 @@ import re
 from dataclasses import dataclass, field
 
 from jobs.commit import read_commit, verify_commit
-from jobs.fields import output_fields
+from jobs.fields import local_fields, output_fields
 from jobs.sources import SourceError, list_source_files
 from jobs.storage import Storage, open_storage
 from orchestrator.errors import UserError
+from orchestrator.kinds import KINDS
+from orchestrator.kinds.base import StageSpec
 from orchestrator.records import list_records
-from orchestrator.spec import LocalPath, PipelineSpec
+from orchestrator.spec import PipelineSpec
 
-STAGE_VERSIONS = {"tokenizer": 1, "preprocess": 1, "pretrain": 1, "finetune": 1, "evaluate": 1}
 COMMIT_FILE = "_COMMIT.json"
 
 
@@ -32,7 +33,7 @@ COMMIT_FILE = "_COMMIT.json"
 class PlannedStage:
     name: str
     kind: str
-    spec: object
+    spec: StageSpec
     hash: str
     inputs: dict  # what the hash covers, kept in the commit to explain later reruns
     upstream: dict[str, str]  # field -> stage name
@@ -54,7 +55,7 @@ def make_plan(spec: PipelineSpec, storage: Storage, run_id: str | None = None) -
         inputs = {
             "kind": stage.kind,
             "name": name,
-            "version": STAGE_VERSIONS[stage.kind],
+            "version": KINDS[stage.kind].version,
             "fields": fields,
             "upstream": {f: planned[ref].hash for f, ref in upstream.items()},
             "files": _fingerprint(name, stage),
@@ -96,24 +97,21 @@ def previous_weights(spec: PipelineSpec, storage: Storage, name: str, fields: di
     return None
 
 
-def _fingerprint(name: str, stage) -> list:
-    """(file, size, version) of every input file the stage reads outside the pipeline's storage."""
+def _fingerprint(name: str, stage: StageSpec) -> list:
+    """(file, size, version) of every input file the stage reads outside the pipeline's storage:
+    those its fields declared `local=` name (jobs.fields)."""
     entries = []
-    source = getattr(stage, "source", None)
-    if source is not None:
-        try:
-            entries += [[_display(f.uri), f.size, f.version] for f in list_source_files(source)]
-        except SourceError as e:
-            raise UserError(f"stages.{name}.{e}") from None
-    local_dirs = [stage.path] if getattr(stage, "path", None) else []
-    refs = [getattr(stage, "tokenizer", None), getattr(stage, "init", None), *getattr(stage, "models", [])]
-    local_dirs += [ref.path for ref in refs if isinstance(ref, LocalPath)]
-    for path in local_dirs:
-        entries += _directory_fingerprint(name, path)
-    task_files = [task.path for task in [getattr(stage, "task", None), *getattr(stage, "tasks", [])] if task]
-    for path in task_files + [p for p in [getattr(stage, "deepspeed_config", None)] if p]:
-        st = _stat(name, path)
-        entries.append([_display(path), st.st_size, f"{st.st_mtime_ns}-{st.st_ctime_ns}"])
+    for _, owner, kind, value in local_fields(stage):
+        if kind == "glob":  # a source's paths: local files and s3:// objects alike
+            try:
+                entries += [[_display(f.uri), f.size, f.version] for f in list_source_files(owner)]
+            except SourceError as e:
+                raise UserError(f"stages.{name}.{e}") from None
+        elif kind == "dir":
+            entries += _directory_fingerprint(name, value)
+        else:
+            st = _stat(name, value)
+            entries.append([_display(value), st.st_size, f"{st.st_mtime_ns}-{st.st_ctime_ns}"])
     return entries
 
 

@@ -15,9 +15,9 @@ import time
 
 from jobs.storage import Storage
 from orchestrator.console import key_metrics
+from orchestrator.kinds import KINDS
 from orchestrator.records import RunRecord
 
-TRAINING_KINDS = ("pretrain", "finetune")
 TASK_METRICS = ("acc", "exact_match", "acc_norm")
 """A task's main metric: the first of these that its results have (multiple-choice tasks report
 acc and acc_norm, generation tasks exact_match), as the evaluate stage's own summary picks it."""
@@ -28,7 +28,7 @@ def write_report(storage: Storage, record: RunRecord) -> str:
     """Write the report and its images under `runs/<run_id>/`; returns the report's URL."""
     base = f"runs/{record.run_id}"
     curves = {name: stage.metrics["loss_history"] for name, stage in record.stages.items()
-              if stage.kind in TRAINING_KINDS and stage.metrics.get("loss_history")}
+              if stage.metrics.get("loss_history")}
     images = {}
     for name, history in curves.items():
         images[f"loss-{name}.png"] = f"{name} training loss"
@@ -59,10 +59,10 @@ def report_markdown(record: RunRecord, images: dict[str, str]) -> str:
         for name, caption in images.items():
             lines += ["", f"![{caption}]({name})"]
     for name, stage in record.stages.items():
-        if stage.kind == "evaluate" and stage.metrics.get("results"):
+        if stage.metrics.get("results"):  # an evaluation's comparison
             lines += ["", f"## Evaluation: {name}", "", *_markdown_table(evaluation_table(stage.metrics["results"]))]
     models = [(name, s.output_uri) for name, s in record.stages.items()
-              if s.kind in TRAINING_KINDS and s.status == "succeeded"]
+              if KINDS[s.kind].exports_model and s.status == "succeeded"]
     if models:
         lines += ["", "## Models", "", "Hugging Face format (`transformers.AutoModelForCausalLM.from_pretrained`):", ""]
         lines += [f"- `{name}`: `{uri.rstrip('/')}/hf/`" for name, uri in models]

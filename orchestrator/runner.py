@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from jobs.commit import read_commit, verify_commit, write_commit
@@ -27,25 +28,28 @@ from orchestrator import ray_runtime, resources
 from orchestrator.console import Console, StageConsole
 from orchestrator.errors import UserError
 from orchestrator.gate import apply_gate
+from orchestrator.kinds import KINDS
+from orchestrator.kinds.base import StageKind
 from orchestrator.plan import COMMIT_FILE, PlannedStage, make_plan
 from orchestrator.records import RunRecord, StageRecord, load_record, new_run_id, save_record, validate_run_id
 from orchestrator.report import write_report
 from orchestrator.spec import PipelineSpec
 from orchestrator.stage_log import StageLog
-from orchestrator.stages import StageContext, executor
+from orchestrator.stages import StageContext
 
 log = logging.getLogger(__name__)
 _NODE_POLL_S = 5.0
 
 
 def run_pipeline(spec: PipelineSpec, storage: Storage, run_id: str | None = None, address: str | None = None,
-                 console: Console | None = None) -> RunRecord:
+                 console: Console | None = None, kinds: Mapping[str, StageKind] = KINDS) -> RunRecord:
+    """`kinds`: the registry whose run functions compute the stages (a test's stand-ins)."""
     console = console or Console()
     run_id = validate_run_id(run_id) if run_id else new_run_id(spec.name)
     plan = make_plan(spec, storage, run_id)
     record = _start_record(spec, storage, run_id, plan)
     console.line(f"run {record.run_id} (attempt {record.attempts}) → {storage.uri}")
-    runner = _Runner(record, storage, console, lease_timeout_s=spec.lease_timeout_s)
+    runner = _Runner(record, storage, console, kinds, lease_timeout_s=spec.lease_timeout_s)
     try:
         for p in plan:
             if p.cached:
@@ -83,9 +87,9 @@ def _write_report(storage: Storage, record: RunRecord) -> None:
 
 
 class _Runner:
-    def __init__(self, record: RunRecord, storage: Storage, console: Console,
+    def __init__(self, record: RunRecord, storage: Storage, console: Console, kinds: Mapping[str, StageKind],
                  lease_timeout_s: float = lease_protocol.DEFAULT_TIMEOUT_S, lease_poll_s: float = 2.0):
-        self.record, self.storage, self.console = record, storage, console
+        self.record, self.storage, self.console, self.kinds = record, storage, console, kinds
         self.lease_timeout_s, self.lease_poll_s = lease_timeout_s, lease_poll_s
         self.stopping = threading.Event()  # set when the run stops: stages waiting on a lease give up
         self.waited_on: dict[str, str] = {}  # stage -> the run whose lease it waited on
@@ -103,7 +107,7 @@ class _Runner:
         self.console.stage_finished(p.name, stage)
 
     def run(self, to_run: list[PlannedStage], cluster: ray_runtime.ClusterView) -> None:
-        bundles = {p.name: getattr(p.spec, "bundles", lambda: resources.DEFAULT_BUNDLES)() for p in to_run}
+        bundles = {p.name: p.spec.bundles() for p in to_run}
         most = resources.ceiling(cluster.total, cluster.most)
         for p in to_run:
             problem = resources.never_fits(p.name, bundles[p.name], most, cluster.nodes, cluster.node_types)
@@ -245,7 +249,7 @@ class _Runner:
         nodes_up = self._watch_nodes(need, console)
         try:
             context = StageContext(p.name, p.hash, p.spec, out, p.upstream_uris, console, self._is_running)
-            output = executor(p.kind)(context)
+            output = self.kinds[p.kind].run_function()(context)
         finally:
             nodes_up.set()
         stage.attempts += output.attempts - 1
@@ -261,7 +265,7 @@ class _Runner:
 
 def _ready(p: PlannedStage, succeeded: set[str], running) -> bool:
     """Every stage it reads has succeeded; a stage it runs beside (evaluate's `follow`) has started."""
-    beside = getattr(p.spec, "BESIDE", set())
+    beside = KINDS[p.kind].beside
     started = succeeded | {q.name for q in running}
     return all(ref in (started if field in beside else succeeded) for field, ref in p.upstream.items())
 

@@ -5,8 +5,8 @@ field path (`stages.corpus.seq_len: ...`): pydantic's field errors plus the cros
 (names, references, cycles), which run on the raw document so they are reported even when some
 field elsewhere is also wrong.
 
-Each stage kind lists the fields that reference other stages in `REFERENCES` (field -> the kinds
-it may name); the DAG is derived from them.
+The stage kinds are in orchestrator/kinds (the registry); each declares the fields that reference
+other stages (field -> the kinds it may name), and the DAG is derived from them.
 """
 
 from __future__ import annotations
@@ -18,265 +18,36 @@ import os
 import re
 import types
 import typing
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jobs.evaluate import TaskSpec
-from jobs.fields import operational, output, output_fields
-from jobs.preprocess import PreprocessSpec
-from jobs.sft import SFTTaskSpec
-from jobs.sources import SourceSpec
-from jobs.text import NormalizeSpec
-from jobs.train_spec import TrainSpec
+from jobs.fields import output_fields
 from orchestrator.errors import SpecError
+from orchestrator.kinds import KINDS
+from orchestrator.kinds.base import LocalPath, StageKind
+from orchestrator.kinds.evaluate import UNION_TAGS, EvaluateStage, ModelRef, model_label
+from orchestrator.kinds.finetune import FinetuneStage
+from orchestrator.kinds.preprocess import PreprocessStage
+from orchestrator.kinds.pretrain import PretrainStage
+from orchestrator.kinds.tokenizer import TokenizerStage
+from orchestrator.kinds.training import TrainStage
 from orchestrator.lease import DEFAULT_TIMEOUT_S as DEFAULT_LEASE_TIMEOUT_S
 from orchestrator.schedule_spec import GateSpec, ScheduleSpec
+
+__all__ = ["EvaluateStage", "FinetuneStage", "LocalPath", "ModelRef", "PipelineSpec", "PreprocessStage",
+           "PretrainStage", "TokenizerStage", "TrainStage", "load_spec", "model_label", "parse_spec"]
 
 PIPELINE_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 STAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 
-class LocalPath(BaseModel):
-    """A directory on the driver's disk, instead of a stage's output."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    path: str = output(local="dir")
-    """Local directory (relative to the current directory)."""
+# Every stage kind's spec, dispatched on `kind:`; the kinds themselves live in orchestrator/kinds.
+Stage = Annotated[Union[tuple(kind.spec for kind in KINDS.values())], Field(discriminator="kind")]
 
 
-def _stage_or_path(value, what: str):
-    """A stage's name or {path: DIR}; validated by hand because a plain union's errors name
-    pydantic's members instead of what the user can write."""
-    if isinstance(value, dict):
-        return LocalPath.model_validate(value)
-    if not isinstance(value, str):
-        raise ValueError(f"give {what} stage's name or {{path: DIR}}")
-    return value
-
-
-class TokenizerStage(BaseModel):
-    """Trains a byte-level BPE on a sample of `source`, or adopts the tokenizer at `path`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-    REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {}
-
-    kind: Literal["tokenizer"] = output()
-    source: SourceSpec | None = output(None)
-    """The corpus to train on (give this or `path`)."""
-    path: str | None = output(None, local="dir")
-    """A local Hugging Face tokenizer directory to adopt instead of training (give this or `source`)."""
-    normalize: NormalizeSpec = output(NormalizeSpec())
-    """Normalization of the training sample; keep it equal to the preprocess stage's."""
-    vocab_size: int = output(8192, ge=258, le=1 << 20)
-    """Vocabulary size including the 256 byte tokens and the special tokens."""
-    min_frequency: int = output(2, ge=1)
-    """Minimum count of a pair to be merged."""
-    sample_mb: float = output(64.0, gt=0)
-    """MB of text sampled evenly across the corpus to train on."""
-
-    @model_validator(mode="after")
-    def _source_or_path(self):
-        if (self.source is None) == (self.path is None):
-            raise ValueError("give exactly one of `source` (train a tokenizer) or `path` (adopt a local one)")
-        return self
-
-
-class PreprocessStage(PreprocessSpec):
-    """Cleans, dedups, tokenizes and packs `source` into fixed-length sequences on Ray workers."""
-
-    REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"tokenizer": ("tokenizer",)}
-
-    kind: Literal["preprocess"] = output()
-    source: SourceSpec = output()
-    """The corpus."""
-    tokenizer: str | LocalPath = output()
-    """A tokenizer stage's name, or {path: DIR} for a local Hugging Face tokenizer."""
-
-    _tokenizer_or_path = field_validator("tokenizer", mode="before")(lambda cls, v: _stage_or_path(v, "a tokenizer"))
-
-
-class TrainStage(TrainSpec):
-    """What pretraining and fine-tuning share: the worker group and its failure policy."""
-
-    num_workers: int = output(2, ge=1)
-    """Training workers (one per GPU, or CPU processes with gloo)."""
-    use_gpu: bool = output(False)
-    """One GPU per worker, NCCL and bf16; otherwise CPU workers with gloo and fp32."""
-    cpus_per_worker: float = operational(1.0, gt=0)
-    """CPUs reserved for each worker."""
-    resources_per_worker: dict[str, float] = operational({})
-    """Custom Ray resources each worker also needs, such as `{H100: 1}` or a node type's marker:
-    the workers go only to nodes that offer them, and the autoscaler adds such nodes."""
-    max_failures: int = operational(2, ge=0)
-    """Worker-group restarts allowed; each resumes from the newest committed checkpoint."""
-    global_batch: int | None = output(None, ge=1)
-    """Sequences per optimizer step; sets grad_accum = global_batch / (micro_batch x num_workers)."""
-
-    @model_validator(mode="after")
-    def _batch_divides(self):
-        if self.global_batch is not None:
-            per_pass = self.micro_batch * self.num_workers
-            if self.global_batch % per_pass:
-                raise ValueError(f"global_batch {self.global_batch} does not divide by micro_batch {self.micro_batch} x "
-                                 f"num_workers {self.num_workers} = {per_pass}; use a multiple of {per_pass}")
-            if "grad_accum" in self.model_fields_set and self.grad_accum != self.global_batch // per_pass:
-                raise ValueError(f"grad_accum {self.grad_accum} contradicts global_batch {self.global_batch} "
-                                 f"(= {self.global_batch // per_pass} x {per_pass}); give one of them")
-            object.__setattr__(self, "grad_accum", self.global_batch // per_pass)  # frozen: derived once, here
-        return self
-
-    def bundles(self) -> list[dict[str, float]]:
-        """The resources of each worker: what the runner reserves and Ray Train places."""
-        return [{"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {}), **self.resources_per_worker}
-                ] * self.num_workers
-
-    @field_validator("resources_per_worker")
-    @classmethod
-    def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:
-        for name, amount in v.items():
-            if name in ("CPU", "GPU", "memory", "object_store_memory"):
-                raise ValueError(f"{name!r} is not a custom resource; use cpus_per_worker / use_gpu for CPUs and GPUs")
-            if not amount > 0:
-                raise ValueError(f"{name}: {amount} must be > 0")
-        return v
-
-
-class PretrainStage(TrainStage):
-    """Trains a model from scratch on a preprocess stage's sequences with DeepSpeed ZeRO on Ray Train."""
-
-    REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"data": ("preprocess",)}
-
-    kind: Literal["pretrain"] = output()
-    data: str = output()
-    """The preprocess stage whose train split to train on."""
-    init: Literal["previous"] | None = output(None)
-    """`previous`: start from the weights this stage ended with in the pipeline's newest successful
-    run (nightly continued training); from random weights when there is none or `model` changed."""
-
-
-class FinetuneStage(TrainStage):
-    """Fine-tunes a trained model: supervised on prompt/response pairs (`task`), or continued
-    pretraining on a preprocess stage's sequences (`data`); the same loop, checkpoints and export."""
-
-    REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"init": ("pretrain", "finetune"), "data": ("preprocess",)}
-
-    kind: Literal["finetune"] = output()
-    init: str | LocalPath = output()
-    """A training stage to start from (its export, or its checkpoint at `init_step`), or {path: HF_DIR}."""
-    init_step: int | None = output(None, ge=1)
-    """Start from this committed checkpoint step of `init` instead of its final export."""
-    task: SFTTaskSpec | None = output(None)
-    """Supervised fine-tuning data: a prompt/response JSON-lines file (give this or `data`)."""
-    data: str | None = output(None)
-    """Continued pretraining: a preprocess stage's sequences (give this or `task`)."""
-    steps: int = output(200, ge=1)
-    """Optimizer steps in all."""
-    lr: float = output(1e-4, gt=0)
-    """Peak learning rate (lower than pretraining's: the weights are already trained)."""
-    warmup_steps: int = output(10, ge=0)
-    """Linear warmup from 0 to lr."""
-
-    _init_or_path = field_validator("init", mode="before")(lambda cls, v: _stage_or_path(v, "a training"))
-
-    @model_validator(mode="after")
-    def _one_data_source(self):
-        if (self.task is None) == (self.data is None):
-            raise ValueError("give exactly one of `task` (prompt/response file) or `data` (a preprocess stage)")
-        if "model" in self.model_fields_set:
-            raise ValueError("`model` is not set here: the model and its shape come from `init`; remove `model`")
-        if self.init_step is not None and isinstance(self.init, LocalPath):
-            raise ValueError("`init_step` picks a checkpoint of a training stage; it does not apply to {path: DIR}")
-        return self
-
-
-class ModelRef(BaseModel):
-    """One committed checkpoint of a training stage."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    stage: str = output()
-    """The training stage."""
-    step: int = output(ge=1)
-    """The checkpoint's step (it must be committed and kept by retention)."""
-
-
-def _model_entry_kind(value) -> str:
-    if isinstance(value, (dict, BaseModel)):
-        return "path" if (value.get("path") if isinstance(value, dict) else isinstance(value, LocalPath)) else "checkpoint"
-    return "stage"  # anything else is validated as a stage name, whose error says it wants a string
-
-
-# An evaluate stage's model: dispatched on its shape, so that a mistake is reported against the one
-# form the user meant, at its list index, rather than against every member of a union.
-ModelEntry = Annotated[Union[Annotated[str, Tag("stage")], Annotated[ModelRef, Tag("checkpoint")],
-                             Annotated[LocalPath, Tag("path")]], Discriminator(_model_entry_kind)]
-UNION_TAGS = {"stage", "checkpoint", "path"}
-
-
-class EvaluateStage(BaseModel):
-    """Evaluates models: perplexity on a preprocess stage's held-out split, multiple-choice tasks by
-    log-likelihood, exact match on short generations; a comparison table in the run record."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-    REFERENCES: ClassVar[dict[str, tuple[str, ...]]] = {"models": ("pretrain", "finetune"), "data": ("preprocess",),
-                                                        "follow": ("pretrain", "finetune")}
-    BESIDE: ClassVar[set[str]] = {"follow"}  # references that let this stage start while the other one runs
-
-    kind: Literal["evaluate"] = output()
-    models: list[ModelEntry] = output([])
-    """Training stages (their exports), {stage, step} checkpoints, or {path: HF_DIR} directories."""
-    follow: str | None = output(None)
-    """A training stage whose every checkpoint is evaluated as it gets committed, while it trains."""
-    data: str | None = output(None)
-    """A preprocess stage: perplexity on its validation split."""
-    tasks: list[TaskSpec] = output([])
-    """Multiple-choice and exact-match tasks from local JSON-lines files."""
-    max_val_sequences: int = output(256, ge=1)
-    """Validation sequences scored for perplexity, at most."""
-    batch_size: int = output(8, ge=1)
-    """Sequences per forward pass."""
-    cpus: float = operational(1.0, gt=0)
-    """CPUs reserved while evaluating."""
-    use_gpu: bool = output(False)
-    """Evaluate on one GPU."""
-
-    @model_validator(mode="after")
-    def _something_to_measure(self):
-        if self.data is None and not self.tasks:
-            raise ValueError("nothing to evaluate: give `data` (perplexity) and/or `tasks`")
-        if not self.models and self.follow is None:
-            raise ValueError("no model to evaluate: give `models` and/or `follow` (a training stage)")
-        names = [t.name for t in self.tasks]
-        if len(set(names)) < len(names):
-            raise ValueError(f"task names must differ: {names}")
-        labels = [model_label(m) for m in self.models]
-        if len(set(labels)) < len(labels):
-            raise ValueError(f"two models would share a results label: {labels}; rename a directory or list each model once")
-        return self
-
-    def bundles(self) -> list[dict[str, float]]:
-        return [{"CPU": self.cpus, **({"GPU": 1.0} if self.use_gpu else {})}]
-
-
-def model_label(ref) -> str:
-    """How an evaluated model is named in results: `stage`, `stage@step`, or a directory's name."""
-    if isinstance(ref, ModelRef):
-        return f"{ref.stage}@{ref.step}"
-    if isinstance(ref, LocalPath):
-        return os.path.basename(os.path.abspath(ref.path))
-    return ref
-
-
-Stage = Annotated[Union[TokenizerStage, PreprocessStage, PretrainStage, FinetuneStage, EvaluateStage],
-                  Field(discriminator="kind")]
-KINDS: dict[str, type[BaseModel]] = {"tokenizer": TokenizerStage, "preprocess": PreprocessStage,
-                                     "pretrain": PretrainStage, "finetune": FinetuneStage, "evaluate": EvaluateStage}
-
-
-def references(stage_model: type[BaseModel], raw_or_stage) -> list[tuple[str, str]]:
+def references(kind: StageKind, raw_or_stage) -> list[tuple[str, str]]:
     """(field path, stage name) of every reference to another stage, e.g. ("models[1]", "sft").
 
     Works on a validated stage and on its raw mapping alike, so that the graph is checked even
@@ -284,7 +55,7 @@ def references(stage_model: type[BaseModel], raw_or_stage) -> list[tuple[str, st
     """
     get = raw_or_stage.get if isinstance(raw_or_stage, dict) else lambda f: getattr(raw_or_stage, f, None)
     refs = []
-    for field in stage_model.REFERENCES:
+    for field in kind.references:
         value = get(field)
         items = [(f"{field}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(field, value)]
         for path, item in items:
@@ -332,7 +103,7 @@ class PipelineSpec(BaseModel):
     def upstream(self, name: str) -> dict[str, str]:
         """field path -> referenced stage name, for the references that name a stage."""
         stage = self.stages[name]
-        return dict(references(type(stage), stage))
+        return dict(references(KINDS[stage.kind], stage))
 
     def topological_order(self) -> list[str]:
         order: list[str] = []
@@ -408,9 +179,9 @@ def _valid_stages(stages) -> dict[str, BaseModel]:
     """The stages that validate on their own, when the file as a whole does not."""
     valid = {}
     for name, raw in (stages.items() if isinstance(stages, dict) else ()):
-        model = KINDS.get(raw.get("kind")) if isinstance(raw, dict) else None
+        kind = KINDS.get(raw.get("kind")) if isinstance(raw, dict) else None
         try:
-            valid[name] = model.model_validate(raw) if model else None
+            valid[name] = kind.spec.model_validate(raw) if kind else None
         except ValidationError:
             continue
     return {name: stage for name, stage in valid.items() if stage is not None}
@@ -462,7 +233,7 @@ def _max_positions(stages: dict[str, BaseModel], name: str, seen: frozenset = fr
     return None
 
 
-def checkpoint_steps(stage: TrainSpec) -> list[int]:
+def checkpoint_steps(stage: TrainStage) -> list[int]:
     """The steps whose checkpoints a training stage keeps once it has finished (its retention)."""
     steps = sorted(set(range(stage.checkpoint_every, stage.steps + 1, stage.checkpoint_every)) | {stage.steps})
     return [s for i, s in enumerate(steps)
@@ -530,9 +301,9 @@ def _graph_problems(stages) -> list[str]:
     for name, raw in stages.items():
         if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
             problems.append(f"stages.{name}: invalid stage name; use lowercase letters, digits, '-' and '_'")
-        model = KINDS.get(raw.get("kind")) if isinstance(raw, dict) else None
-        for field, target in (references(model, raw) if model else []):
-            kinds = model.REFERENCES[field.split("[")[0]]
+        kind = KINDS.get(raw.get("kind")) if isinstance(raw, dict) else None
+        for field, target in (references(kind, raw) if kind else []):
+            kinds = kind.references[field.split("[")[0]]
             target_kind = stages[target].get("kind") if isinstance(stages.get(target), dict) else None
             if target not in stages:
                 problems.append(f"stages.{name}.{field}: {target!r} is not a stage; stages are: {', '.join(stages)}")
@@ -605,7 +376,8 @@ def _model_at(loc: list) -> type[BaseModel] | None:
     i = 0
     while model is not None and i < len(loc) - 1:
         if model is PipelineSpec and loc[i] == "stages":
-            model = KINDS.get(loc[i + 2]) if len(loc) > i + 3 else None
+            kind = KINDS.get(loc[i + 2]) if len(loc) > i + 3 else None
+            model = kind.spec if kind else None
             i += 3
             continue
         if isinstance(loc[i], int):  # a list index: the same model

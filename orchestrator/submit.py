@@ -31,9 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 
-from pydantic import BaseModel
-
-from jobs.fields import local_kind
+from jobs.fields import local_fields
 from jobs.storage import Storage
 from orchestrator import ray_internals
 from orchestrator.errors import UserError
@@ -70,24 +68,12 @@ def local_paths(spec: PipelineSpec) -> list[tuple[str, str, bool]]:
     """(field path, local path, is a source glob) of every local file or directory the spec names:
     the fields declared with `local=` (jobs.fields)."""
     found: list[tuple[str, str, bool]] = []
-
-    def visit(node, where: str) -> None:
-        if isinstance(node, BaseModel):
-            for name, info in type(node).model_fields.items():
-                value, kind = getattr(node, name), local_kind(info)
-                if kind == "glob":  # a source's paths: s3:// URIs among them are read where they are
-                    found.extend((f"{where}.{name}[{i}]", p, True) for i, p in enumerate(value)
-                                 if not p.startswith("s3://"))
-                elif kind and isinstance(value, str):
-                    found.append((f"{where}.{name}", value, False))
-                else:
-                    visit(value, f"{where}.{name}")
-        elif isinstance(node, (list, tuple)):
-            for i, item in enumerate(node):
-                visit(item, f"{where}[{i}]")
-
     for name, stage in spec.stages.items():
-        visit(stage, f"stages.{name}")
+        for where, _, kind, value in local_fields(stage, f"stages.{name}"):
+            if kind == "glob":  # a source's paths: s3:// URIs among them are read where they are
+                found += [(f"{where}[{i}]", p, True) for i, p in enumerate(value) if not p.startswith("s3://")]
+            else:
+                found.append((where, value, False))
     return found
 
 

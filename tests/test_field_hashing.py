@@ -13,8 +13,9 @@ from pydantic import BaseModel
 from jobs.commit import write_commit
 from jobs.fields import hashing_of
 from jobs.storage import open_storage
+from orchestrator.kinds import KINDS
 from orchestrator.plan import COMMIT_FILE, make_plan
-from orchestrator.spec import KINDS, parse_spec
+from orchestrator.spec import parse_spec
 
 
 def _models_in(annotation) -> list[type[BaseModel]]:
@@ -25,7 +26,7 @@ def _models_in(annotation) -> list[type[BaseModel]]:
 
 def _all_fields() -> list[tuple[str, str, object]]:
     """(model, field, FieldInfo) of every field of every stage kind, nested models included."""
-    seen, found, todo = set(), [], list(KINDS.values())
+    seen, found, todo = set(), [], [kind.spec for kind in KINDS.values()]
     while todo:
         model = todo.pop()
         if model in seen:

@@ -1,4 +1,4 @@
-"""One module per stage kind. Each exposes `run(ctx) -> StageOutput`: a function of its own spec
+"""One module per stage kind's run function (named by its StageKind.run). Each exposes `run(ctx) -> StageOutput`: a function of its own spec
 and its inputs' committed outputs that writes its output under `ctx.out`. The runner commits it;
 caching, retries and records are the runner's, not the stage's."""
 
@@ -10,13 +10,14 @@ from typing import Callable
 from jobs.commit import FileEntry
 from jobs.storage import Storage
 from orchestrator.console import Console
+from orchestrator.kinds.base import StageSpec
 
 
 @dataclass
 class StageContext:
     name: str
     hash: str  # the stage's content hash (a checkpoint resumes only under the same one)
-    spec: object  # the stage's own model from orchestrator.spec, never the whole pipeline
+    spec: StageSpec  # the stage's own spec (orchestrator/kinds), never the whole pipeline
     out: Storage  # the stage's output directory
     inputs: dict[str, str]  # reference field -> the referenced stage's output URI
     console: Console
@@ -30,8 +31,3 @@ class StageOutput:
     attempts: int = 1  # times the stage's work started within this driver attempt (worker-group restarts)
 
 
-def executor(kind: str):
-    from orchestrator.stages import evaluate, finetune, preprocess, pretrain, tokenizer
-
-    return {"tokenizer": tokenizer.run, "preprocess": preprocess.run, "pretrain": pretrain.run,
-            "finetune": finetune.run, "evaluate": evaluate.run}[kind]

@@ -20,7 +20,7 @@ from jobs.commit import FileEntry, bytes_entry, file_entry
 from jobs.data import PackedTokens
 from jobs.evaluate import TaskSpec, evaluate_model
 from jobs.storage import open_storage
-from orchestrator.console import evaluation_summary
+from orchestrator.kinds.evaluate import evaluation_summary
 from orchestrator.spec import ModelRef, model_label
 from orchestrator.stages import StageContext, StageOutput
 from orchestrator.stages.model_inputs import resolve_model

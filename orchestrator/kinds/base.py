@@ -1,0 +1,75 @@
+"""What a stage kind is: one declaration (StageKind) that the control plane reads instead of
+naming kinds, plus the pieces the kinds share.
+
+A kind module (orchestrator/kinds/<kind>.py) holds the kind's spec model and its `KIND`; its run
+function is named as "module:function" and imported only when a stage of the kind runs, so that
+validating or planning a pipeline never imports Ray, torch or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from jobs.fields import output
+from orchestrator.resources import DEFAULT_BUNDLES
+
+
+@dataclass(frozen=True)
+class StageKind:
+    name: str
+    """The `kind:` value in the pipeline file."""
+    spec: type[BaseModel]
+    """The stage's spec model (pydantic; every field declared output or operational)."""
+    version: int
+    """Part of every stage hash of the kind: bump it when the kind's code changes its output."""
+    run: str | Callable
+    """The function computing a stage, StageContext -> StageOutput: "module:function", imported only
+    when a stage of the kind runs (a callable: a test's stand-in)."""
+    references: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Spec fields that name other stages -> the kinds they may name; the DAG comes from them."""
+    beside: frozenset[str] = frozenset()
+    """Of `references`, those that let the stage start once the other one has started (it reads
+    the other's output while it is being written, like evaluate's `follow`), not once it ended."""
+    exports_model: bool = False
+    """Its output holds a Hugging Face export under hf/ (the summary prints it, the report lists it)."""
+    summarize: Callable[[dict], str] = lambda metrics: ""
+    """The stage's key metrics in a few words: the console line, `status`, the report's table."""
+
+    def run_function(self) -> Callable:
+        if callable(self.run):
+            return self.run
+        module, function = self.run.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+class StageSpec(BaseModel):
+    """What every stage spec has: the resources the runner reserves while the stage runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    def bundles(self) -> list[dict[str, float]]:
+        """The resources to reserve while it runs, one dict per Ray worker or task."""
+        return list(DEFAULT_BUNDLES)
+
+
+class LocalPath(BaseModel):
+    """A directory on the driver's disk, instead of a stage's output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    path: str = output(local="dir")
+    """Local directory (relative to the current directory)."""
+
+
+def stage_or_path(value, what: str):
+    """A stage's name or {path: DIR}; validated by hand because a plain union's errors name
+    pydantic's members instead of what the user can write."""
+    if isinstance(value, dict):
+        return LocalPath.model_validate(value)
+    if not isinstance(value, str):
+        raise ValueError(f"give {what} stage's name or {{path: DIR}}")
+    return value

@@ -1,0 +1,108 @@
+"""The evaluate kind: models (stages, checkpoints, local directories) on the same measures, and
+with `follow` every checkpoint of a training stage while it trains."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag, model_validator
+
+from jobs.evaluate import TaskSpec
+from jobs.fields import operational, output
+from orchestrator.kinds.base import LocalPath, StageKind, StageSpec
+
+
+class ModelRef(BaseModel):
+    """One committed checkpoint of a training stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    stage: str = output()
+    """The training stage."""
+    step: int = output(ge=1)
+    """The checkpoint's step (it must be committed and kept by retention)."""
+
+
+def _model_entry_kind(value) -> str:
+    if isinstance(value, (dict, BaseModel)):
+        return "path" if (value.get("path") if isinstance(value, dict) else isinstance(value, LocalPath)) else "checkpoint"
+    return "stage"  # anything else is validated as a stage name, whose error says it wants a string
+
+
+# An evaluate stage's model: dispatched on its shape, so that a mistake is reported against the one
+# form the user meant, at its list index, rather than against every member of a union.
+ModelEntry = Annotated[Union[Annotated[str, Tag("stage")], Annotated[ModelRef, Tag("checkpoint")],
+                             Annotated[LocalPath, Tag("path")]], Discriminator(_model_entry_kind)]
+UNION_TAGS = {"stage", "checkpoint", "path"}
+
+
+class EvaluateStage(StageSpec):
+    """Evaluates models: perplexity on a preprocess stage's held-out split, multiple-choice tasks by
+    log-likelihood, exact match on short generations; a comparison table in the run record."""
+
+    kind: Literal["evaluate"] = output()
+    models: list[ModelEntry] = output([])
+    """Training stages (their exports), {stage, step} checkpoints, or {path: HF_DIR} directories."""
+    follow: str | None = output(None)
+    """A training stage whose every checkpoint is evaluated as it gets committed, while it trains."""
+    data: str | None = output(None)
+    """A preprocess stage: perplexity on its validation split."""
+    tasks: list[TaskSpec] = output([])
+    """Multiple-choice and exact-match tasks from local JSON-lines files."""
+    max_val_sequences: int = output(256, ge=1)
+    """Validation sequences scored for perplexity, at most."""
+    batch_size: int = output(8, ge=1)
+    """Sequences per forward pass."""
+    cpus: float = operational(1.0, gt=0)
+    """CPUs reserved while evaluating."""
+    use_gpu: bool = output(False)
+    """Evaluate on one GPU."""
+
+    @model_validator(mode="after")
+    def _something_to_measure(self):
+        if self.data is None and not self.tasks:
+            raise ValueError("nothing to evaluate: give `data` (perplexity) and/or `tasks`")
+        if not self.models and self.follow is None:
+            raise ValueError("no model to evaluate: give `models` and/or `follow` (a training stage)")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) < len(names):
+            raise ValueError(f"task names must differ: {names}")
+        labels = [model_label(m) for m in self.models]
+        if len(set(labels)) < len(labels):
+            raise ValueError(f"two models would share a results label: {labels}; rename a directory or list each model once")
+        return self
+
+    def bundles(self) -> list[dict[str, float]]:
+        return [{"CPU": self.cpus, **({"GPU": 1.0} if self.use_gpu else {})}]
+
+
+def model_label(ref) -> str:
+    """How an evaluated model is named in results: `stage`, `stage@step`, or a directory's name."""
+    if isinstance(ref, ModelRef):
+        return f"{ref.stage}@{ref.step}"
+    if isinstance(ref, LocalPath):
+        return os.path.basename(os.path.abspath(ref.path))
+    return ref
+
+
+def evaluation_summary(result: dict) -> str:
+    """One model's evaluation in a few words: perplexity and each task's main metric."""
+    parts = []
+    if "perplexity" in result:
+        parts.append(f"perplexity {result['perplexity']['perplexity']:.2f}")
+    for name, metrics in result.get("tasks", {}).items():
+        main = next((k for k in ("acc", "exact_match") if k in metrics), None)
+        if main:
+            parts.append(f"{name} {main} {metrics[main]:.3f}")
+    return ", ".join(parts)
+
+
+def _summary(m: dict) -> str:
+    return "; ".join(f"{label}: {evaluation_summary(result)}" for label, result in (m.get("results") or {}).items())
+
+
+KIND = StageKind("evaluate", EvaluateStage, version=1, run="orchestrator.stages.evaluate:run",
+                 references={"models": ("pretrain", "finetune"), "data": ("preprocess",),
+                             "follow": ("pretrain", "finetune")},
+                 beside=frozenset({"follow"}), summarize=_summary)

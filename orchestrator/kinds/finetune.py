@@ -1,0 +1,51 @@
+"""The finetune kind: the training loop again, from a trained model: supervised on prompt/response
+pairs, or continued pretraining on a preprocess stage's sequences."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import field_validator, model_validator
+
+from jobs.fields import output
+from jobs.sft import SFTTaskSpec
+from orchestrator.kinds.base import LocalPath, StageKind, stage_or_path
+from orchestrator.kinds.training import TrainStage, training_summary
+
+
+class FinetuneStage(TrainStage):
+    """Fine-tunes a trained model: supervised on prompt/response pairs (`task`), or continued
+    pretraining on a preprocess stage's sequences (`data`); the same loop, checkpoints and export."""
+
+    kind: Literal["finetune"] = output()
+    init: str | LocalPath = output()
+    """A training stage to start from (its export, or its checkpoint at `init_step`), or {path: HF_DIR}."""
+    init_step: int | None = output(None, ge=1)
+    """Start from this committed checkpoint step of `init` instead of its final export."""
+    task: SFTTaskSpec | None = output(None)
+    """Supervised fine-tuning data: a prompt/response JSON-lines file (give this or `data`)."""
+    data: str | None = output(None)
+    """Continued pretraining: a preprocess stage's sequences (give this or `task`)."""
+    steps: int = output(200, ge=1)
+    """Optimizer steps in all."""
+    lr: float = output(1e-4, gt=0)
+    """Peak learning rate (lower than pretraining's: the weights are already trained)."""
+    warmup_steps: int = output(10, ge=0)
+    """Linear warmup from 0 to lr."""
+
+    _init_or_path = field_validator("init", mode="before")(lambda cls, v: stage_or_path(v, "a training"))
+
+    @model_validator(mode="after")
+    def _one_data_source(self):
+        if (self.task is None) == (self.data is None):
+            raise ValueError("give exactly one of `task` (prompt/response file) or `data` (a preprocess stage)")
+        if "model" in self.model_fields_set:
+            raise ValueError("`model` is not set here: the model and its shape come from `init`; remove `model`")
+        if self.init_step is not None and isinstance(self.init, LocalPath):
+            raise ValueError("`init_step` picks a checkpoint of a training stage; it does not apply to {path: DIR}")
+        return self
+
+
+KIND = StageKind("finetune", FinetuneStage, version=1, run="orchestrator.stages.finetune:run",
+                 references={"init": ("pretrain", "finetune"), "data": ("preprocess",)}, exports_model=True,
+                 summarize=training_summary)

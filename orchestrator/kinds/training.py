@@ -1,0 +1,64 @@
+"""What the two training kinds (pretrain, finetune) share: the worker group, its failure policy
+and how a training stage is summarized."""
+
+from __future__ import annotations
+
+from pydantic import field_validator, model_validator
+
+from jobs.fields import operational, output
+from jobs.train_spec import TrainSpec
+from orchestrator.kinds.base import StageSpec
+
+
+class TrainStage(TrainSpec, StageSpec):
+    """What pretraining and fine-tuning share: the worker group and its failure policy."""
+
+    num_workers: int = output(2, ge=1)
+    """Training workers (one per GPU, or CPU processes with gloo)."""
+    use_gpu: bool = output(False)
+    """One GPU per worker, NCCL and bf16; otherwise CPU workers with gloo and fp32."""
+    cpus_per_worker: float = operational(1.0, gt=0)
+    """CPUs reserved for each worker."""
+    resources_per_worker: dict[str, float] = operational({})
+    """Custom Ray resources each worker also needs, such as `{H100: 1}` or a node type's marker:
+    the workers go only to nodes that offer them, and the autoscaler adds such nodes."""
+    max_failures: int = operational(2, ge=0)
+    """Worker-group restarts allowed; each resumes from the newest committed checkpoint."""
+    global_batch: int | None = output(None, ge=1)
+    """Sequences per optimizer step; sets grad_accum = global_batch / (micro_batch x num_workers)."""
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        if self.global_batch is not None:
+            per_pass = self.micro_batch * self.num_workers
+            if self.global_batch % per_pass:
+                raise ValueError(f"global_batch {self.global_batch} does not divide by micro_batch {self.micro_batch} x "
+                                 f"num_workers {self.num_workers} = {per_pass}; use a multiple of {per_pass}")
+            if "grad_accum" in self.model_fields_set and self.grad_accum != self.global_batch // per_pass:
+                raise ValueError(f"grad_accum {self.grad_accum} contradicts global_batch {self.global_batch} "
+                                 f"(= {self.global_batch // per_pass} x {per_pass}); give one of them")
+            object.__setattr__(self, "grad_accum", self.global_batch // per_pass)  # frozen: derived once, here
+        return self
+
+    def bundles(self) -> list[dict[str, float]]:
+        """The resources of each worker: what the runner reserves and Ray Train places."""
+        return [{"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {}), **self.resources_per_worker}
+                ] * self.num_workers
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{name!r} is not a custom resource; use cpus_per_worker / use_gpu for CPUs and GPUs")
+            if not amount > 0:
+                raise ValueError(f"{name}: {amount} must be > 0")
+        return v
+
+
+
+def training_summary(m: dict) -> str:
+    if m.get("final_loss") is None:
+        return ""
+    resumed = f", resumed from step {m['resumed_from']}" if m.get("resumed_from") is not None else ""
+    return f"loss {m['final_loss']:.3f}, {m['tokens_per_s']:,.0f} tokens/s{resumed}"
