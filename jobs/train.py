@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.checkpoint import CheckpointWriter, committed_steps, discard_after, fetch_for_rank, step_key
-from jobs.commit import file_entry
+from jobs.commit import FileEntry, file_entry
 from jobs.data import BatchOrder, PackedTokens
 from jobs.deepspeed_config import build_deepspeed_config, load_user_config
 from jobs.export import TOKENIZER_FILES, gather_state_dict, save_hf
@@ -48,7 +48,13 @@ class TrainJob:
     on_start: Callable[[int | None], None] | None = None  # called once resumed: (step resumed from or None)
 
 
-def train(job: TrainJob) -> dict:
+@dataclass
+class TrainResult:
+    metrics: dict  # what the run record keeps: losses, throughput, the last checkpoint
+    files: dict[str, FileEntry] = field(default_factory=dict)  # rank 0: the export and logs it wrote (hf/, tb/)
+
+
+def train(job: TrainJob) -> TrainResult:
     spec = job.spec
     report = job.report or (lambda metrics: print(json.dumps(metrics), flush=True))
     if not dist.is_initialized():
@@ -126,23 +132,21 @@ def train(job: TrainJob) -> dict:
     state = gather_state_dict(engine, spec.zero_stage, rank)
     probe = torch.from_numpy(data.batch(order.indices(0, 0, rank))[0][:1]).to(device)  # one sequence
     engine_logits = _logits(engine, probe)  # collective under ZeRO-3: every rank runs it
+    files: dict[str, FileEntry] = {}
     if rank == 0:
         tensorboard.close()
         out = open_storage(job.out_uri)
         hf_dir = os.path.join(local_dir, "hf")
         save_hf(state, config, tokenizer_dir, hf_dir)
         metrics["export_max_logit_diff"] = _check_export(hf_dir, probe.cpu(), engine_logits, bf16)
-        files = {}
         for prefix, directory in (("hf", hf_dir), ("tb", tensorboard.logdir)):
             for key in out.upload_dir(directory, prefix):
-                entry = file_entry(os.path.join(directory, key.removeprefix(prefix + "/")))
-                files[key] = (entry.size, entry.sha256)
-        metrics["files"] = files
+                files[key] = file_entry(os.path.join(directory, key.removeprefix(prefix + "/")))
         metrics["final_loss"] = metrics.get("loss")
         metrics["loss_history"] = history
         metrics["last_checkpoint"] = ckpt.url(step_key(spec.steps))
     dist.barrier()
-    return metrics
+    return TrainResult(metrics, files)
 
 
 def _logits(engine, tokens: torch.Tensor) -> torch.Tensor:
@@ -315,9 +319,9 @@ def main(argv: list[str]) -> int:
     job = TrainJob(spec=TrainSpec.model_validate(raw["spec"]), out_uri=raw["out_uri"],
                    config_hash=raw.get("config_hash", "torchrun"), data_uri=raw.get("data_uri"),
                    sft_uri=raw.get("sft_uri"), init_uri=raw.get("init_uri"))
-    metrics = train(job)
+    result = train(job)
     if dist.get_rank() == 0:
-        print(json.dumps(metrics))
+        print(json.dumps(result.metrics))
     dist.destroy_process_group()
     return 0
 

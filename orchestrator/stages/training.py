@@ -19,7 +19,6 @@ import ray
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from jobs.commit import FileEntry
 from jobs.train import TrainJob, train
 from jobs.train_spec import TrainSpec
 from orchestrator.stages import StageContext, StageOutput
@@ -72,8 +71,7 @@ def run_training(ctx: StageContext, job_fields: dict) -> StageOutput:
     metrics = {k: final["metrics"].get(k) for k in ("final_loss", "tokens_per_s", "mfu", "last_checkpoint", "resumed_from",
                                                       "loss_history", "export_max_logit_diff")}
     metrics["restarts"] = max(starts - 1, 0)
-    files = {k: FileEntry(size, sha) for k, (size, sha) in final["files"].items()}
-    return StageOutput(files, metrics, attempts=max(starts, 1))
+    return StageOutput(final["files"], metrics, attempts=max(starts, 1))
 
 
 def _fit(trainer, outcome: dict, queue: Queue) -> None:
@@ -114,9 +112,9 @@ def _worker_loop(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     job.report = queue.put
     job.on_start = (lambda resumed_from: queue.put({"event": "started", "resumed_from": resumed_from})) if rank == 0 else None
-    metrics = train(job)
+    result = train(job)
     if rank == 0:
-        queue.put({"event": "finished", "metrics": metrics, "files": metrics.pop("files")})
+        queue.put({"event": "finished", "metrics": result.metrics, "files": result.files})
 
 
 def _progress_line(m: dict) -> str:
