@@ -515,15 +515,18 @@ def _export(args) -> int:
 
 
 def _last_checkpoint_of_run(storage_uri: str, run_id: str) -> str:
+    from orchestrator.kinds import KINDS
+    from orchestrator.kinds.training import TrainResults
     from orchestrator.records import load_record
 
     record = load_record(_storage(None, storage_uri), run_id)
     if record is None:
         raise UserError(f"{run_id!r} is neither a checkpoint URI nor a run in {storage_uri} (see `orchestrator runs`)")
-    trained = [s for s in record.stages.values() if s.metrics.get("last_checkpoint")]
+    results = [KINDS[s.kind].results_of(s.metrics) for s in record.stages.values() if s.kind in KINDS]
+    trained = [r.last_checkpoint for r in results if isinstance(r, TrainResults) and r.last_checkpoint]
     if not trained:
         raise UserError(f"run {run_id} has no training stage with a committed checkpoint")
-    return trained[-1].metrics["last_checkpoint"]
+    return trained[-1]
 
 
 def _log_dir() -> str:

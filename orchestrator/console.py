@@ -85,7 +85,8 @@ def gate_summary(gate: GateResult) -> str:
 def key_metrics(stage: StageRecord) -> str:
     """The stage's key metrics in a few words, as its kind summarizes them."""
     kind = KINDS.get(stage.kind)
-    return kind.summarize(stage.metrics) if kind else ""
+    results = kind.results_of(stage.metrics) if kind else None
+    return kind.summarize(results) if results else ""
 
 
 def _elapsed(stage: StageRecord) -> str:

@@ -23,9 +23,10 @@ import math
 import time
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from jobs.storage import Storage, validate_key
+from orchestrator.kinds.evaluate import EvaluateResults, ModelEvaluation
 
 if TYPE_CHECKING:
     from orchestrator.records import RunRecord
@@ -90,22 +91,21 @@ def export_uri(output_uri: str) -> str:
     return f"{output_uri.rstrip('/')}/hf/"
 
 
-def metric_value(results: dict, name: str) -> float:
-    """`<model>/<task>/<metric>` in an evaluate stage's `metrics["results"]`; KeyError with a
-    message saying what is missing when it is not there (or is not a finite number)."""
+def metric_value(results: dict[str, ModelEvaluation], name: str) -> float:
+    """`<model>/<task>/<metric>` in an evaluate stage's results; KeyError with a message saying
+    what is missing when it is not there (or is not a finite number)."""
     model, task, metric = name.split("/")
     if model not in results:
         raise KeyError(f"{name}: the results have no model {model!r} (they have {sorted(results)})")
     result = results[model]
     if task == "perplexity":
-        section = result.get("perplexity")
-        if section is None:
+        if result.perplexity is None:
             raise KeyError(f"{name}: {model} has no perplexity result (the evaluation had no data)")
+        section = result.perplexity.model_dump()
     else:
-        tasks = result.get("tasks", {})
-        if task not in tasks:
-            raise KeyError(f"{name}: {model} has no task {task!r} (it has {sorted(tasks)})")
-        section = tasks[task]
+        if task not in result.tasks:
+            raise KeyError(f"{name}: {model} has no task {task!r} (it has {sorted(result.tasks)})")
+        section = result.tasks[task]
     value = section.get(metric)
     if value is None:
         raise KeyError(f"{name}: {model}/{task} has no metric {metric!r} (it has {sorted(section)})")
@@ -164,7 +164,10 @@ def apply_gate(gate: GateSpec, record: RunRecord, storage: Storage, now: float |
         return error(f"gate model stage {gate.model} {state}, so there is no export")
     uri = export_uri(model.output_uri)
 
-    results = stage.metrics.get("results") or {}
+    try:
+        results = EvaluateResults.model_validate(stage.metrics).results
+    except ValidationError as e:
+        return error(f"{gate.stage}'s results do not read as an evaluation's: {e}", export_uri=uri)
     values: dict[str, float] = {}
     for metric in gate.metrics:
         try:

@@ -16,6 +16,9 @@ import time
 from jobs.storage import Storage
 from orchestrator.console import key_metrics
 from orchestrator.kinds import KINDS
+from orchestrator.kinds.base import StageResults
+from orchestrator.kinds.evaluate import EvaluateResults, ModelEvaluation
+from orchestrator.kinds.training import TrainResults
 from orchestrator.records import RunRecord
 
 TASK_METRICS = ("acc", "exact_match", "acc_norm")
@@ -27,8 +30,8 @@ STAGE_COLUMNS = ["stage", "kind", "status", "cached", "attempts", "time", "key m
 def write_report(storage: Storage, record: RunRecord) -> str:
     """Write the report and its images under `runs/<run_id>/`; returns the report's URL."""
     base = f"runs/{record.run_id}"
-    curves = {name: stage.metrics["loss_history"] for name, stage in record.stages.items()
-              if stage.metrics.get("loss_history")}
+    curves = {name: [list(point) for point in results.loss_history] for name, results in _results(record, TrainResults)
+              if results.loss_history}
     images = {}
     for name, history in curves.items():
         images[f"loss-{name}.png"] = f"{name} training loss"
@@ -58,9 +61,9 @@ def report_markdown(record: RunRecord, images: dict[str, str]) -> str:
         lines += ["", "## Training loss"]
         for name, caption in images.items():
             lines += ["", f"![{caption}]({name})"]
-    for name, stage in record.stages.items():
-        if stage.metrics.get("results"):  # an evaluation's comparison
-            lines += ["", f"## Evaluation: {name}", "", *_markdown_table(evaluation_table(stage.metrics["results"]))]
+    for name, results in _results(record, EvaluateResults):
+        if results.results:
+            lines += ["", f"## Evaluation: {name}", "", *_markdown_table(evaluation_table(results.results))]
     models = [(name, s.output_uri) for name, s in record.stages.items()
               if KINDS[s.kind].exports_model and s.status == "succeeded"]
     if models:
@@ -80,13 +83,19 @@ def stage_rows(record: RunRecord, now: float | None = None) -> list[list[str]]:
     return rows
 
 
-def evaluation_table(results: dict) -> list[list[str]]:
+def _results(record: RunRecord, of: type[StageResults]) -> list[tuple[str, StageResults]]:
+    """(stage, typed results) of the record's stages whose results are `of`'s."""
+    found = [(name, KINDS[s.kind].results_of(s.metrics)) for name, s in record.stages.items() if s.kind in KINDS]
+    return [(name, r) for name, r in found if isinstance(r, of)]
+
+
+def evaluation_table(results: dict[str, ModelEvaluation]) -> list[list[str]]:
     """An evaluate stage's `metrics.results` as rows = models under a header row; columns =
     perplexity (when any model has it), then each task's main metric (TASK_METRICS)."""
-    has_perplexity = any(r.get("perplexity") for r in results.values())
+    has_perplexity = any(r.perplexity for r in results.values())
     tasks: dict[str, str] = {}  # task -> its main metric, in order of first appearance
     for r in results.values():
-        for task, scores in r.get("tasks", {}).items():
+        for task, scores in r.tasks.items():
             metric = next((k for k in TASK_METRICS if scores.get(k) is not None), None)
             if metric and (task not in tasks or TASK_METRICS.index(metric) < TASK_METRICS.index(tasks[task])):
                 tasks[task] = metric
@@ -94,9 +103,9 @@ def evaluation_table(results: dict) -> list[list[str]]:
     for label, r in results.items():
         row = [label]
         if has_perplexity:
-            row.append(f"{r['perplexity']['perplexity']:.2f}" if r.get("perplexity") else "-")
+            row.append(f"{r.perplexity.perplexity:.2f}" if r.perplexity else "-")
         for task, metric in tasks.items():
-            value = r.get("tasks", {}).get(task, {}).get(metric)
+            value = r.tasks.get(task, {}).get(metric)
             row.append("-" if value is None else f"{value:.3f}")
         rows.append(row)
     return rows

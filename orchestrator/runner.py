@@ -21,6 +21,8 @@ import traceback
 from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
+from pydantic import ValidationError
+
 from jobs.commit import read_commit, verify_commit, write_commit
 from jobs.storage import Storage
 from orchestrator import lease as lease_protocol
@@ -253,14 +255,18 @@ class _Runner:
         finally:
             nodes_up.set()
         stage.attempts += output.attempts - 1
+        try:  # what the record keeps must read back as the kind's results
+            metrics = self.kinds[p.kind].results.model_validate(output.metrics).model_dump(mode="json")
+        except ValidationError as e:
+            raise RuntimeError(f"stage {p.name}: its results do not match {p.kind}'s: {e}") from None
         if not lease.still_held():
             holder = lease_protocol.read_latest(out)
             raise RuntimeError(f"stage {p.name}: lost the lease on {out.uri} to "
                                f"{holder.broken_by or 'run ' + holder.run_id}; not committing over its work")
-        meta = {"stage": p.name, "kind": p.kind, "hash": p.hash, "inputs": p.inputs, "metrics": output.metrics}
+        meta = {"stage": p.name, "kind": p.kind, "hash": p.hash, "inputs": p.inputs, "metrics": metrics}
         if not write_commit(out, COMMIT_FILE, output.files, meta) and verify_commit(out, COMMIT_FILE):
             raise RuntimeError(f"stage {p.name}: another commit appeared at {out.url(COMMIT_FILE)} and does not verify")
-        stage.status, stage.metrics = "succeeded", output.metrics
+        stage.status, stage.metrics = "succeeded", metrics
 
 
 def _ready(p: PlannedStage, succeeded: set[str], running) -> bool:

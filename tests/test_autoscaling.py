@@ -21,6 +21,7 @@ from orchestrator import ray_runtime, runner
 from orchestrator.console import Console
 from orchestrator.errors import UserError
 from orchestrator.kinds import KINDS
+from orchestrator.kinds.base import StageResults
 from orchestrator.ray_runtime import ClusterView
 from orchestrator.resources import ceiling
 from orchestrator.spec import parse_spec
@@ -72,7 +73,7 @@ def stage(ctx):
     return StageOutput({}, {})
 
 
-FAKE_KINDS = {name: dataclasses.replace(kind, run=stage) for name, kind in KINDS.items()}
+FAKE_KINDS = {name: dataclasses.replace(kind, run=stage, results=StageResults) for name, kind in KINDS.items()}
 
 
 def run(spec_text: str):

@@ -11,6 +11,7 @@ import pytest
 
 from jobs.storage import open_storage
 from orchestrator.cli import main
+from orchestrator.kinds.evaluate import EvaluateResults, ModelEvaluation
 from orchestrator.records import RunRecord, StageRecord, save_record
 from orchestrator.report import evaluation_table, stage_rows, write_report
 from orchestrator.stage_log import StageLog, follow_log, log_key, read_log
@@ -47,11 +48,11 @@ def _record(status: str = "succeeded") -> RunRecord:
         run_id="r1", pipeline="demo", spec_hash="f" * 64, storage="file:///store", status=status,
         attempts=2, started_at=1000.0, finished_at=None if status == "running" else 1100.0,
         stages={
-            "tok": _stage("tokenizer", cached=True, metrics={"vocab_size": 512}),
+            "tok": _stage("tokenizer", cached=True, metrics={"vocab_size": 512, "eos_id": 2}),
             "pretrain": _stage("pretrain", metrics={
-                "final_loss": 3.5, "tokens_per_s": 1234.0, "resumed_from": 20,
+                "final_loss": 3.5, "tokens_per_s": 1234.0, "resumed_from": 20, "last_checkpoint": None,
                 "loss_history": [[s, 8.0 - s / 10] for s in range(10, 50, 10)]}),
-            "sft": _stage("finetune", metrics={"final_loss": 2.25, "tokens_per_s": 999.0,
+            "sft": _stage("finetune", metrics={"final_loss": 2.25, "tokens_per_s": 999.0, "last_checkpoint": None,
                                                "loss_history": [[1, 3.0], [2, 2.5], [3, 2.25]]}),
             "eval": _stage("evaluate", metrics={"results": eval_results}),
         })
@@ -193,11 +194,11 @@ def test_follow_log_prints_growth_until_the_run_ends(storage):
 # --- report ---------------------------------------------------------------------------------
 
 def test_evaluation_table_rows_are_models_and_columns_main_metrics():
-    rows = evaluation_table(_record().stages["eval"].metrics["results"])
+    rows = evaluation_table(EvaluateResults.model_validate(_record().stages["eval"].metrics).results)
     assert rows == [["model", "perplexity", "arith (exact_match)", "choice (acc)"],
                     ["pretrain", "41.25", "0.125", "0.500"],
                     ["sft", "37.75", "0.375", "0.750"]]
-    no_perplexity = evaluation_table({"m": {"tasks": {"t": {"acc_norm": 0.5}}}, "n": {"tasks": {}}})
+    no_perplexity = evaluation_table({"m": ModelEvaluation(tasks={"t": {"acc_norm": 0.5}}), "n": ModelEvaluation()})
     assert no_perplexity == [["model", "t (acc_norm)"], ["m", "0.500"], ["n", "-"]]
 
 

@@ -12,10 +12,17 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from jobs.fields import output
 from orchestrator.resources import DEFAULT_BUNDLES
+
+
+class StageResults(BaseModel):
+    """A stage's results, as its commit and the run record keep them (`metrics`). Each kind has its
+    own subclass; readers (console, report, gate, `status`) read its fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass(frozen=True)
@@ -34,10 +41,21 @@ class StageKind:
     beside: frozenset[str] = frozenset()
     """Of `references`, those that let the stage start once the other one has started (it reads
     the other's output while it is being written, like evaluate's `follow`), not once it ended."""
+    results: type[StageResults] = StageResults
+    """What a stage of the kind reports; the runner checks a stage's results against it before
+    committing, so that what the record keeps always reads back."""
     exports_model: bool = False
     """Its output holds a Hugging Face export under hf/ (the summary prints it, the report lists it)."""
-    summarize: Callable[[dict], str] = lambda metrics: ""
+    summarize: Callable[[StageResults], str] = lambda results: ""
     """The stage's key metrics in a few words: the console line, `status`, the report's table."""
+
+    def results_of(self, metrics: dict) -> StageResults | None:
+        """The typed results of a record's `metrics`; None when there are none yet (a stage that did
+        not finish) or they do not read as this kind's (a record written by another version)."""
+        try:
+            return self.results.model_validate(metrics) if metrics else None
+        except ValidationError:
+            return None
 
     def run_function(self) -> Callable:
         if callable(self.run):

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Tag, model_validator
 
 from jobs.evaluate import TaskSpec
 from jobs.fields import operational, output
-from orchestrator.kinds.base import LocalPath, StageKind, StageSpec
+from orchestrator.kinds.base import LocalPath, StageKind, StageResults, StageSpec
 
 
 class ModelRef(BaseModel):
@@ -86,23 +86,49 @@ def model_label(ref) -> str:
     return ref
 
 
-def evaluation_summary(result: dict) -> str:
+class Perplexity(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    loss: float
+    """Mean next-token loss over the scored validation tokens."""
+    perplexity: float
+    """exp(loss)."""
+    num_tokens: int
+    """Validation tokens scored."""
+
+
+class ModelEvaluation(BaseModel):
+    """One model's results (`results/<label>.json`, and under `results` in the record)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    perplexity: Perplexity | None = None
+    """On the `data` stage's validation split; None without `data`."""
+    tasks: dict[str, dict[str, int | float]] = {}
+    """Task name -> its metrics (acc and acc_norm, or exact_match; num_examples)."""
+
+
+class EvaluateResults(StageResults):
+    results: dict[str, ModelEvaluation] = {}
+    """Model label (`stage`, `stage@step`, a directory's name) -> its evaluation."""
+
+
+def evaluation_summary(result: ModelEvaluation | dict) -> str:
     """One model's evaluation in a few words: perplexity and each task's main metric."""
-    parts = []
-    if "perplexity" in result:
-        parts.append(f"perplexity {result['perplexity']['perplexity']:.2f}")
-    for name, metrics in result.get("tasks", {}).items():
+    result = ModelEvaluation.model_validate(result) if isinstance(result, dict) else result
+    parts = [f"perplexity {result.perplexity.perplexity:.2f}"] if result.perplexity else []
+    for name, metrics in result.tasks.items():
         main = next((k for k in ("acc", "exact_match") if k in metrics), None)
         if main:
             parts.append(f"{name} {main} {metrics[main]:.3f}")
     return ", ".join(parts)
 
 
-def _summary(m: dict) -> str:
-    return "; ".join(f"{label}: {evaluation_summary(result)}" for label, result in (m.get("results") or {}).items())
+def _summary(r: EvaluateResults) -> str:
+    return "; ".join(f"{label}: {evaluation_summary(result)}" for label, result in r.results.items())
 
 
 KIND = StageKind("evaluate", EvaluateStage, version=1, run="orchestrator.stages.evaluate:run",
                  references={"models": ("pretrain", "finetune"), "data": ("preprocess",),
                              "follow": ("pretrain", "finetune")},
-                 beside=frozenset({"follow"}), summarize=_summary)
+                 beside=frozenset({"follow"}), results=EvaluateResults, summarize=_summary)

@@ -10,7 +10,7 @@ from pydantic import field_validator, model_validator
 from jobs.fields import output
 from jobs.sft import SFTTaskSpec
 from orchestrator.kinds.base import LocalPath, StageKind, stage_or_path
-from orchestrator.kinds.training import TrainStage, training_summary
+from orchestrator.kinds.training import TrainResults, TrainStage, training_summary
 
 
 class FinetuneStage(TrainStage):
@@ -46,6 +46,17 @@ class FinetuneStage(TrainStage):
         return self
 
 
+class FinetuneResults(TrainResults):
+    sft_num_examples: int | None = None
+    """Supervised fine-tuning: prompt/response examples in the task file."""
+    sft_num_truncated: int | None = None
+    """Examples cut at the task's seq_len."""
+    sft_num_response_tokens: int | None = None
+    """Response tokens trained on (the prompts' tokens carry no loss)."""
+    sft_num_without_response: int | None = None
+    """Examples with no response token left within seq_len: they teach nothing."""
+
+
 KIND = StageKind("finetune", FinetuneStage, version=1, run="orchestrator.stages.finetune:run",
-                 references={"init": ("pretrain", "finetune"), "data": ("preprocess",)}, exports_model=True,
-                 summarize=training_summary)
+                 references={"init": ("pretrain", "finetune"), "data": ("preprocess",)}, results=FinetuneResults,
+                 exports_model=True, summarize=training_summary)

@@ -9,7 +9,7 @@ from pydantic import field_validator
 from jobs.fields import output
 from jobs.preprocess import PreprocessSpec
 from jobs.sources import SourceSpec
-from orchestrator.kinds.base import LocalPath, StageKind, StageSpec, stage_or_path
+from orchestrator.kinds.base import LocalPath, StageKind, StageResults, StageSpec, stage_or_path
 
 
 class PreprocessStage(PreprocessSpec, StageSpec):
@@ -24,12 +24,27 @@ class PreprocessStage(PreprocessSpec, StageSpec):
     _tokenizer_or_path = field_validator("tokenizer", mode="before")(lambda cls, v: stage_or_path(v, "a tokenizer"))
 
 
-def _summary(m: dict) -> str:
-    if "num_tokens" not in m:
-        return ""
-    return (f"{m['num_documents']:,} docs, {m['num_tokens']:,} tokens, "
-            f"{m['num_sequences']:,} seqs, {sum(m.get('drops', {}).values()):,} dropped")
+class PreprocessResults(StageResults):
+    num_records: int
+    """Records read from the source."""
+    num_documents: int
+    """Documents kept after cleaning, filtering and dedup."""
+    num_tokens: int
+    """Tokens of the kept documents."""
+    num_sequences: int
+    """Packed sequences written (train and validation)."""
+    num_tokens_dropped: int
+    """Tokens left over at the end of each shard, shorter than one sequence."""
+    num_shards: int
+    """Shards the source was split into (one Ray task each)."""
+    drops: dict[str, int]
+    """Documents dropped, by reason (a filter, a duplicate, a bad record)."""
+
+
+def _summary(r: PreprocessResults) -> str:
+    return (f"{r.num_documents:,} docs, {r.num_tokens:,} tokens, {r.num_sequences:,} seqs, "
+            f"{sum(r.drops.values()):,} dropped")
 
 
 KIND = StageKind("preprocess", PreprocessStage, version=1, run="orchestrator.stages.preprocess:run",
-                 references={"tokenizer": ("tokenizer",)}, summarize=_summary)
+                 references={"tokenizer": ("tokenizer",)}, results=PreprocessResults, summarize=_summary)

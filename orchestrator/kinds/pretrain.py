@@ -7,7 +7,7 @@ from typing import Literal
 
 from jobs.fields import output
 from orchestrator.kinds.base import StageKind
-from orchestrator.kinds.training import TrainStage, training_summary
+from orchestrator.kinds.training import TrainResults, TrainStage, training_summary
 
 
 class PretrainStage(TrainStage):
@@ -22,4 +22,5 @@ class PretrainStage(TrainStage):
 
 
 KIND = StageKind("pretrain", PretrainStage, version=1, run="orchestrator.stages.pretrain:run",
-                 references={"data": ("preprocess",)}, exports_model=True, summarize=training_summary)
+                 references={"data": ("preprocess",)}, results=TrainResults, exports_model=True,
+                 summarize=training_summary)

@@ -9,7 +9,7 @@ from pydantic import model_validator
 from jobs.fields import output
 from jobs.sources import SourceSpec
 from jobs.text import NormalizeSpec
-from orchestrator.kinds.base import StageKind, StageSpec
+from orchestrator.kinds.base import StageKind, StageResults, StageSpec
 
 
 class TokenizerStage(StageSpec):
@@ -36,8 +36,12 @@ class TokenizerStage(StageSpec):
         return self
 
 
-def _summary(m: dict) -> str:
-    return f"vocab {m['vocab_size']}" if "vocab_size" in m else ""
+class TokenizerResults(StageResults):
+    vocab_size: int
+    """Tokens in the vocabulary, special tokens included."""
+    eos_id: int
+    """The end-of-sequence token's id (it separates documents in packed sequences)."""
 
 
-KIND = StageKind("tokenizer", TokenizerStage, version=1, run="orchestrator.stages.tokenizer:run", summarize=_summary)
+KIND = StageKind("tokenizer", TokenizerStage, version=1, run="orchestrator.stages.tokenizer:run",
+                 results=TokenizerResults, summarize=lambda r: f"vocab {r.vocab_size}")

@@ -7,7 +7,7 @@ from pydantic import field_validator, model_validator
 
 from jobs.fields import operational, output
 from jobs.train_spec import TrainSpec
-from orchestrator.kinds.base import StageSpec
+from orchestrator.kinds.base import StageResults, StageSpec
 
 
 class TrainStage(TrainSpec, StageSpec):
@@ -57,8 +57,27 @@ class TrainStage(TrainSpec, StageSpec):
 
 
 
-def training_summary(m: dict) -> str:
-    if m.get("final_loss") is None:
+class TrainResults(StageResults):
+    final_loss: float | None
+    """Training loss over the last report interval."""
+    tokens_per_s: float | None
+    """Throughput over the last report interval, all workers together."""
+    mfu: float | None = None
+    """Model FLOPs utilization (GPUs with a stated peak only)."""
+    last_checkpoint: str | None
+    """The URI of the final committed checkpoint."""
+    resumed_from: int | None = None
+    """The checkpoint step the last worker group resumed from; None when it started from step 0."""
+    loss_history: list[tuple[int, float]] = []
+    """(step, loss) at each report interval: the report's loss curve."""
+    export_max_logit_diff: float | None = None
+    """Largest logit difference between the engine and its Hugging Face export on one sequence."""
+    restarts: int = 0
+    """Worker-group restarts this driver attempt needed."""
+
+
+def training_summary(r: TrainResults) -> str:
+    if r.final_loss is None:
         return ""
-    resumed = f", resumed from step {m['resumed_from']}" if m.get("resumed_from") is not None else ""
-    return f"loss {m['final_loss']:.3f}, {m['tokens_per_s']:,.0f} tokens/s{resumed}"
+    resumed = f", resumed from step {r.resumed_from}" if r.resumed_from is not None else ""
+    return f"loss {r.final_loss:.3f}, {r.tokens_per_s or 0:,.0f} tokens/s{resumed}"
