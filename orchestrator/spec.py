@@ -14,7 +14,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 import re
 import types
 import typing
@@ -26,18 +25,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jobs.fields import output_fields
 from orchestrator.errors import SpecError
 from orchestrator.kinds import KINDS
-from orchestrator.kinds.base import LocalPath, StageKind
+from orchestrator.kinds.base import LocalPath, StageKind, StageSpec
 from orchestrator.kinds.evaluate import UNION_TAGS, EvaluateStage, ModelRef, model_label
 from orchestrator.kinds.finetune import FinetuneStage
 from orchestrator.kinds.preprocess import PreprocessStage
 from orchestrator.kinds.pretrain import PretrainStage
 from orchestrator.kinds.tokenizer import TokenizerStage
-from orchestrator.kinds.training import TrainStage
+from orchestrator.kinds.training import TrainStage, checkpoint_steps
 from orchestrator.lease import DEFAULT_TIMEOUT_S as DEFAULT_LEASE_TIMEOUT_S
 from orchestrator.schedule_spec import GateSpec, ScheduleSpec
 
 __all__ = ["EvaluateStage", "FinetuneStage", "LocalPath", "ModelRef", "PipelineSpec", "PreprocessStage",
-           "PretrainStage", "TokenizerStage", "TrainStage", "load_spec", "model_label", "parse_spec"]
+           "PretrainStage", "TokenizerStage", "TrainStage", "checkpoint_steps", "load_spec", "model_label", "parse_spec"]
 
 PIPELINE_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 STAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -187,91 +186,9 @@ def _valid_stages(stages) -> dict[str, BaseModel]:
     return {name: stage for name, stage in valid.items() if stage is not None}
 
 
-def _cross_stage_problems(stages: dict[str, BaseModel]) -> list[str]:
-    """Checks that need two stages (or a stage and its files) at once, so that they fail at
-    validate, before any GPU time."""
-    problems = []
-    for name, stage in stages.items():
-        data = stages.get(getattr(stage, "data", None) or "")
-        positions = _max_positions(stages, name)
-        if positions is not None and isinstance(data, PreprocessStage) and data.seq_len > positions:
-            if isinstance(stage, PretrainStage):
-                problems.append(f"stages.{name}.model.max_position_embeddings: {positions} is shorter than "
-                                f"stages.{stage.data}.seq_len {data.seq_len}; raise it or shorten seq_len")
-            else:
-                problems.append(f"stages.{name}.data: stages.{stage.data}.seq_len {data.seq_len} exceeds the starting "
-                                f"model's max_position_embeddings {positions}; shorten seq_len")
-        if isinstance(stage, FinetuneStage) and stage.task and positions is not None and stage.task.seq_len > positions:
-            problems.append(f"stages.{name}.task.seq_len: {stage.task.seq_len} exceeds the model's "
-                            f"max_position_embeddings {positions}; shorten it")
-        if isinstance(stage, EvaluateStage) and isinstance(data, PreprocessStage):
-            targets = {ref.stage if isinstance(ref, ModelRef) else ref for ref in stage.models} | {stage.follow}
-            short = sorted(f"{t} ({_max_positions(stages, t)})" for t in targets if isinstance(t, str)
-                           and (_max_positions(stages, t) or data.seq_len) < data.seq_len)
-            if short:
-                problems.append(f"stages.{name}.data: stages.{stage.data}.seq_len {data.seq_len} exceeds the "
-                                f"max_position_embeddings of {', '.join(short)}; evaluate on a preprocess stage "
-                                "with shorter sequences")
-        problems += _checkpoint_problems(stages, name, stage)
-        problems += _task_file_problems(name, stage)
-    return problems
-
-
-def _max_positions(stages: dict[str, BaseModel], name: str, seen: frozenset = frozenset()) -> int | None:
-    """The model's context length for a training stage: its own model, or the one it starts from."""
-    stage = None if name in seen else stages.get(name)  # a cycle is reported by _graph_problems
-    if isinstance(stage, PretrainStage):
-        return stage.model.max_position_embeddings
-    if isinstance(stage, FinetuneStage):
-        if isinstance(stage.init, LocalPath):
-            try:
-                with open(os.path.join(stage.init.path, "config.json")) as f:
-                    return json.load(f).get("max_position_embeddings")
-            except (OSError, ValueError):
-                return None  # reported by the plan, which fingerprints the directory
-        return _max_positions(stages, stage.init, seen | {name})
-    return None
-
-
-def checkpoint_steps(stage: TrainStage) -> list[int]:
-    """The steps whose checkpoints a training stage keeps once it has finished (its retention)."""
-    steps = sorted(set(range(stage.checkpoint_every, stage.steps + 1, stage.checkpoint_every)) | {stage.steps})
-    return [s for i, s in enumerate(steps)
-            if i >= len(steps) - stage.keep_last or (stage.keep_every and s % stage.keep_every == 0)]
-
-
-def _checkpoint_problems(stages: dict[str, BaseModel], name: str, stage: BaseModel) -> list[str]:
-    """A checkpoint step asked of a training stage must be one it commits and keeps."""
-    wanted = []
-    if isinstance(stage, FinetuneStage) and stage.init_step is not None and isinstance(stage.init, str):
-        wanted.append(("init_step", stage.init, stage.init_step))
-    if isinstance(stage, EvaluateStage):
-        wanted += [(f"models[{i}].step", m.stage, m.step) for i, m in enumerate(stage.models) if isinstance(m, ModelRef)]
-    problems = []
-    for field, target, step in wanted:
-        source = stages.get(target)
-        if isinstance(source, TrainStage) and step not in checkpoint_steps(source):
-            problems.append(f"stages.{name}.{field}: {target} keeps no checkpoint at step {step}; it keeps steps "
-                            f"{checkpoint_steps(source)} (checkpoint_every, keep_last, keep_every)")
-    return problems
-
-
-def _task_file_problems(name: str, stage: BaseModel) -> list[str]:
-    from jobs.evaluate import load_task
-    from jobs.sft import load_sft_rows
-
-    checks = []
-    if isinstance(stage, FinetuneStage) and stage.task:
-        checks.append(("task", load_sft_rows, stage.task))
-    if isinstance(stage, EvaluateStage):
-        checks += [(f"tasks[{i}]", load_task, task) for i, task in enumerate(stage.tasks)]
-    problems = []
-    for field, load, task in checks:
-        try:
-            load(task)
-        except ValueError as e:
-            problems.append(f"stages.{name}.{field}: {e}")
-    return problems
+def _cross_stage_problems(stages: dict[str, StageSpec]) -> list[str]:
+    """Each stage's checks against the others and its files (each kind's `problems`)."""
+    return [problem for name, stage in stages.items() for problem in stage.problems(name, stages)]
 
 
 def _duplicate_keys(node, path: str = "") -> list[str]:

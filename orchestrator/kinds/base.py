@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -72,6 +72,21 @@ class StageSpec(BaseModel):
     def bundles(self) -> list[dict[str, float]]:
         """The resources to reserve while it runs, one dict per Ray worker or task."""
         return list(DEFAULT_BUNDLES)
+
+    def problems(self, name: str, stages: Mapping[str, StageSpec]) -> list[str]:
+        """What is wrong with stage `name` given the pipeline's other stages (those that validate)
+        and the files it names: checks that need more than its own fields, run at validate so
+        that they fail before any GPU time."""
+        return []
+
+
+def file_problems(where: str, load: Callable, value) -> list[str]:
+    """`load(value)`'s complaint about a file the spec names, as a problem at field path `where`."""
+    try:
+        load(value)
+    except ValueError as e:
+        return [f"{where}: {e}"]
+    return []
 
 
 class LocalPath(BaseModel):

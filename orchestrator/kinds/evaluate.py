@@ -4,13 +4,15 @@ with `follow` every checkpoint of a training stage while it trains."""
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag, model_validator
 
 from jobs.evaluate import TaskSpec
 from jobs.fields import operational, output
-from orchestrator.kinds.base import LocalPath, StageKind, StageResults, StageSpec
+from orchestrator.kinds.base import LocalPath, StageKind, StageResults, StageSpec, file_problems
+from orchestrator.kinds.preprocess import PreprocessStage
+from orchestrator.kinds.training import checkpoint_problems, max_positions_of
 
 
 class ModelRef(BaseModel):
@@ -75,6 +77,26 @@ class EvaluateStage(StageSpec):
 
     def bundles(self) -> list[dict[str, float]]:
         return [{"CPU": self.cpus, **({"GPU": 1.0} if self.use_gpu else {})}]
+
+    def problems(self, name: str, stages: Mapping[str, StageSpec]) -> list[str]:
+        from jobs.evaluate import load_task  # reads the files: only when validating a whole pipeline
+
+        problems = []
+        data = stages.get(self.data or "")
+        if isinstance(data, PreprocessStage):
+            targets = {ref.stage if isinstance(ref, ModelRef) else ref for ref in self.models} | {self.follow}
+            short = sorted(f"{t} ({max_positions_of(stages, t)})" for t in targets if isinstance(t, str)
+                           and (max_positions_of(stages, t) or data.seq_len) < data.seq_len)
+            if short:
+                problems.append(f"stages.{name}.data: stages.{self.data}.seq_len {data.seq_len} exceeds the "
+                                f"max_position_embeddings of {', '.join(short)}; evaluate on a preprocess stage "
+                                "with shorter sequences")
+        for i, m in enumerate(self.models):
+            if isinstance(m, ModelRef):
+                problems += checkpoint_problems(f"stages.{name}.models[{i}].step", stages, m.stage, m.step)
+        for i, task in enumerate(self.tasks):
+            problems += file_problems(f"stages.{name}.tasks[{i}]", load_task, task)
+        return problems
 
 
 def model_label(ref) -> str:

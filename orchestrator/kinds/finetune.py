@@ -3,14 +3,23 @@ pairs, or continued pretraining on a preprocess stage's sequences."""
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import os
+from typing import Literal, Mapping
 
 from pydantic import field_validator, model_validator
 
 from jobs.fields import output
 from jobs.sft import SFTTaskSpec
-from orchestrator.kinds.base import LocalPath, StageKind, stage_or_path
-from orchestrator.kinds.training import TrainResults, TrainStage, training_summary
+from orchestrator.kinds.base import LocalPath, StageKind, StageSpec, file_problems, stage_or_path
+from orchestrator.kinds.preprocess import PreprocessStage
+from orchestrator.kinds.training import (
+    TrainResults,
+    TrainStage,
+    checkpoint_problems,
+    max_positions_of,
+    training_summary,
+)
 
 
 class FinetuneStage(TrainStage):
@@ -44,6 +53,33 @@ class FinetuneStage(TrainStage):
         if self.init_step is not None and isinstance(self.init, LocalPath):
             raise ValueError("`init_step` picks a checkpoint of a training stage; it does not apply to {path: DIR}")
         return self
+
+    def max_positions(self, stages: Mapping[str, StageSpec], seen: frozenset) -> int | None:
+        if isinstance(self.init, LocalPath):
+            try:
+                with open(os.path.join(self.init.path, "config.json")) as f:
+                    return json.load(f).get("max_position_embeddings")
+            except (OSError, ValueError):
+                return None  # reported by the plan, which fingerprints the directory
+        return max_positions_of(stages, self.init, seen)
+
+    def problems(self, name: str, stages: Mapping[str, StageSpec]) -> list[str]:
+        from jobs.sft import load_sft_rows  # reads the file: only when validating a whole pipeline
+
+        problems = []
+        positions = self.max_positions(stages, frozenset({name}))
+        data = stages.get(self.data or "")
+        if positions is not None and isinstance(data, PreprocessStage) and data.seq_len > positions:
+            problems.append(f"stages.{name}.data: stages.{self.data}.seq_len {data.seq_len} exceeds the starting "
+                            f"model's max_position_embeddings {positions}; shorten seq_len")
+        if self.task and positions is not None and self.task.seq_len > positions:
+            problems.append(f"stages.{name}.task.seq_len: {self.task.seq_len} exceeds the model's "
+                            f"max_position_embeddings {positions}; shorten it")
+        if self.init_step is not None and isinstance(self.init, str):
+            problems += checkpoint_problems(f"stages.{name}.init_step", stages, self.init, self.init_step)
+        if self.task:
+            problems += file_problems(f"stages.{name}.task", load_sft_rows, self.task)
+        return problems
 
 
 class FinetuneResults(TrainResults):

@@ -3,10 +3,11 @@ ZeRO on Ray Train workers."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Mapping
 
 from jobs.fields import output
-from orchestrator.kinds.base import StageKind
+from orchestrator.kinds.base import StageKind, StageSpec
+from orchestrator.kinds.preprocess import PreprocessStage
 from orchestrator.kinds.training import TrainResults, TrainStage, training_summary
 
 
@@ -19,6 +20,16 @@ class PretrainStage(TrainStage):
     init: Literal["previous"] | None = output(None)
     """`previous`: start from the weights this stage ended with in the pipeline's newest successful
     run (nightly continued training); from random weights when there is none or `model` changed."""
+
+    def max_positions(self, stages: Mapping[str, StageSpec], seen: frozenset) -> int | None:
+        return self.model.max_position_embeddings
+
+    def problems(self, name: str, stages: Mapping[str, StageSpec]) -> list[str]:
+        data = stages.get(self.data)
+        if isinstance(data, PreprocessStage) and data.seq_len > self.model.max_position_embeddings:
+            return [f"stages.{name}.model.max_position_embeddings: {self.model.max_position_embeddings} is shorter "
+                    f"than stages.{self.data}.seq_len {data.seq_len}; raise it or shorten seq_len"]
+        return []
 
 
 KIND = StageKind("pretrain", PretrainStage, version=1, run="orchestrator.stages.pretrain:run",

@@ -3,6 +3,8 @@ and how a training stage is summarized."""
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from pydantic import field_validator, model_validator
 
 from jobs.fields import operational, output
@@ -40,6 +42,10 @@ class TrainStage(TrainSpec, StageSpec):
             object.__setattr__(self, "grad_accum", self.global_batch // per_pass)  # frozen: derived once, here
         return self
 
+    def max_positions(self, stages: Mapping[str, StageSpec], seen: frozenset) -> int | None:
+        """The model's context length: its own model's, or that of the model it starts from."""
+        return None
+
     def bundles(self) -> list[dict[str, float]]:
         """The resources of each worker: what the runner reserves and Ray Train places."""
         return [{"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {}), **self.resources_per_worker}
@@ -55,6 +61,28 @@ class TrainStage(TrainSpec, StageSpec):
                 raise ValueError(f"{name}: {amount} must be > 0")
         return v
 
+
+
+def max_positions_of(stages: Mapping[str, StageSpec], name: str, seen: frozenset = frozenset()) -> int | None:
+    """The context length of training stage `name`; None for another kind, or when it is unknown."""
+    stage = None if name in seen else stages.get(name)  # a cycle is reported by the graph's checks
+    return stage.max_positions(stages, seen | {name}) if isinstance(stage, TrainStage) else None
+
+
+def checkpoint_steps(stage: TrainStage) -> list[int]:
+    """The steps whose checkpoints a training stage keeps once it has finished (its retention)."""
+    steps = sorted(set(range(stage.checkpoint_every, stage.steps + 1, stage.checkpoint_every)) | {stage.steps})
+    return [s for i, s in enumerate(steps)
+            if i >= len(steps) - stage.keep_last or (stage.keep_every and s % stage.keep_every == 0)]
+
+
+def checkpoint_problems(where: str, stages: Mapping[str, StageSpec], target: str, step: int) -> list[str]:
+    """A checkpoint step asked of training stage `target` must be one it commits and keeps."""
+    source = stages.get(target)
+    if isinstance(source, TrainStage) and step not in checkpoint_steps(source):
+        return [f"{where}: {target} keeps no checkpoint at step {step}; it keeps steps "
+                f"{checkpoint_steps(source)} (checkpoint_every, keep_last, keep_every)"]
+    return []
 
 
 class TrainResults(StageResults):
