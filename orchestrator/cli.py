@@ -1,4 +1,5 @@
-"""The `orchestrator` command. Exit codes (a contract): 0 ok, 1 the run failed, 2 bad input.
+"""The `orchestrator` command. Exit codes (a contract): 0 ok, 1 the run failed, 2 bad input; a run
+stopped by Ctrl-C exits 130, by SIGTERM 143.
 
 A cluster that cannot be reached or refuses the token is bad input too (exit 2): nothing ran, and
 the fix is the address, the tunnel or the token."""
@@ -20,6 +21,7 @@ from orchestrator.errors import UserError
 from orchestrator.spec import PipelineSpec, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130 and 143, as shells report them
 DEFAULT_STORAGE = "file://./.orchestrator"
 DASHBOARD = "the Ray cluster's dashboard URL, e.g. http://127.0.0.1:8265"
 
@@ -209,15 +211,19 @@ def _run(args) -> int:
     except UserError:
         raise
     except KeyboardInterrupt as e:
-        print("stopped", file=sys.stderr)
-        if isinstance(e, _Terminated):
-            # The record says stopped. Stage threads still running would hold the process until
-            # they end (or until Ray's SIGKILL, 3 s on): leave now.
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(EXIT_FAILED)
-        return EXIT_FAILED
+        # The runner has marked the record and its running stages stopped. Stop this driver's Ray
+        # work (an embedded Ray goes with it; on a cluster, the driver's tasks and actors end with
+        # its connection), then leave at once: the stage threads still running would otherwise
+        # hold the process until their stage ends.
+        print(f"stopped; the record says so, and `orchestrator run {args.spec} --run-id {run_id}` resumes it",
+              file=sys.stderr)
+        from orchestrator import ray_runtime
+
+        ray_runtime.disconnect()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_TERMINATED if isinstance(e, _Terminated) else EXIT_INTERRUPTED)
     except Exception as e:  # the traceback is in the log file; the terminal gets one line
         print(f"run failed: {type(e).__name__}: {e}\nsee {log_path}", file=sys.stderr)
         return EXIT_FAILED

@@ -45,6 +45,13 @@ def connect(address: str | None = None) -> None:
     log.info("connected to Ray %s (session logs: %s)", address or "embedded", ray_internals.session_dir() or "remote")
 
 
+def disconnect() -> None:
+    """Leave Ray: an embedded instance stops with its processes; on a cluster, the tasks and actors
+    this driver owns (its stages' work) are ended by the cluster once it has gone."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @dataclass
 class ClusterView:
     total: dict[str, float]  # schedulable now
