@@ -378,3 +378,61 @@ def test_the_module_loads_without_torch_for_validation():
     root = os.path.join(os.path.dirname(__file__), "..")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- follow mode: which failures are skips ---------------------------------------------------
+
+def _follow_context(tmp_path, steps: list[int]):
+    """A follow-mode evaluate stage's context on real file:// storage, the followed stage already
+    ended with `steps` committed."""
+    from jobs.checkpoint import COMMIT, step_key
+    from jobs.commit import bytes_entry, write_commit
+    from jobs.storage import open_storage
+    from orchestrator.console import Console
+    from orchestrator.spec import EvaluateStage
+    from orchestrator.stages import StageContext
+
+    trained = open_storage(f"file://{tmp_path}/stages/pretrain-00000000")
+    for step in steps:
+        step_dir = trained.sub("ckpt").sub(step_key(step))
+        step_dir.write_bytes("model.bin", b"weights")
+        assert write_commit(step_dir, COMMIT, {"model.bin": bytes_entry(b"weights")}, {"step": step})
+    spec = EvaluateStage(kind="evaluate", follow="pretrain", data="corpus")
+    out = open_storage(f"file://{tmp_path}/stages/eval-00000000")
+    lines: list[str] = []
+    console = Console()
+    console.line = lines.append
+    ctx = StageContext("eval", "0" * 64, spec, out, {"follow": trained.uri}, console)
+    return ctx, trained.sub("ckpt"), lines
+
+
+def test_follow_skips_a_checkpoint_that_retention_deleted(tmp_path):
+    from jobs.checkpoint import COMMIT, step_key
+    from orchestrator.stages.evaluate import _follow
+
+    ctx, ckpt, lines = _follow_context(tmp_path, [10, 20])
+    evaluated = []
+
+    def evaluate(ref, stage_uri):
+        if ref.step == 10:  # retention deletes step 10 while it is being evaluated
+            ckpt.sub(step_key(10)).delete(COMMIT)
+            raise FileNotFoundError("ckpt/step-00000010/model.bin")
+        evaluated.append(ref.step)
+
+    _follow(ctx, evaluate)
+    assert evaluated == [20]
+    assert any(line.startswith("skipped pretrain@10: retention deleted it") for line in lines)
+
+
+def test_follow_fails_the_stage_when_a_kept_checkpoint_fails_to_evaluate(tmp_path):
+    from orchestrator.stages.evaluate import _follow
+
+    ctx, _, lines = _follow_context(tmp_path, [10, 20])
+
+    def evaluate(ref, stage_uri):
+        # What Ray re-raises for a bug in the remote evaluation: the original class, a ValueError.
+        raise ValueError(f"{ref.stage}@{ref.step}: logits are NaN")
+
+    with pytest.raises(ValueError, match="logits are NaN"):
+        _follow(ctx, evaluate)
+    assert not any(line.startswith("skipped") for line in lines)

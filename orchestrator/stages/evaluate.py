@@ -72,8 +72,13 @@ def _follow(ctx: StageContext, evaluate) -> None:
             done.add(step)
             try:
                 evaluate(ModelRef(stage=name, step=step), stage_uri)
-            except ValueError as e:  # retention deleted it while we were on another one
-                ctx.console.line(f"skipped {name}@{step}: {e}")
+            except Exception as e:
+                # Retention may delete a checkpoint while another one is evaluated: that one is
+                # skipped. Storage decides, not the exception's class: Ray re-raises a remote
+                # failure as its original class, so a ValueError may be any bug in the evaluation.
+                if step in committed_steps(ckpt)[0]:
+                    raise
+                ctx.console.line(f"skipped {name}@{step}: retention deleted it before it was evaluated ({e})")
         if not running:
             return
         time.sleep(_FOLLOW_POLL_S)
