@@ -53,6 +53,7 @@ class ScheduleSpec(BaseModel):
     """A tick while `max_active_runs` runs are active: skip it, queue it until one ends, or cancel
     the oldest active run and start."""
     max_active_runs: int = Field(1, ge=1)
+    """Runs of this pipeline active at once, at most; see `overlap` for a tick beyond it."""
 
     @field_validator("cron")
     @classmethod
@@ -103,6 +104,7 @@ class GateMetric(BaseModel):
     name: str
     """`<model>/<task>/<metric>` in the gate stage's results; `<model>/perplexity/perplexity` for perplexity."""
     higher_is_better: bool = True
+    """Whether a larger value is better (accuracy) or a smaller one (perplexity)."""
     max_regression: float = Field(0.0, ge=0)
     """How much worse than the last promoted run it may be (absolute)."""
 
