@@ -276,7 +276,7 @@ def test_stop_a_running_pipeline(head, workdir, store):
     assert record.stages["corpus"].status == "succeeded"
     # The driver caught Ray's SIGTERM and recorded the stop itself (not `stop` after a SIGKILL).
     assert record.stages["pretrain"].error == "interrupted"
-    assert "stopped" in client.get_job_logs(run_id).splitlines()
+    assert any(line.startswith("stopped; the record says so") for line in client.get_job_logs(run_id).splitlines())
 
     # Stopping it again: nothing to do, and said so.
     again = head.cli("stop", run_id, "--address", head.address)
