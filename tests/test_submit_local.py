@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from jobs.storage import open_storage
 from orchestrator.cli import main as cli_main
 from orchestrator.records import RunRecord, StageRecord, load_record, save_record
 from orchestrator.submit import mark_stopped
-from ray_nodes import free_port, wait_for
+from ray_nodes import cmdline, free_port, wait_for
 
 pytestmark = pytest.mark.local
 
@@ -45,6 +46,10 @@ class RayHead:
     env: dict[str, str]
     """The environment of a user of this cluster: its token, no other Ray address."""
     driver_log_dir: str
+    gcs: str
+    """The GCS address, for a driver that connects itself (`orchestrator run --address`)."""
+    pid: int
+    """Our `ray start --block`: every process of the head descends from it."""
 
     def client(self):
         from ray.job_submission import JobSubmissionClient
@@ -70,14 +75,15 @@ def ray_head(env_overrides: dict[str, str] | None = None):
     env.update(env_overrides or {})
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{env.get('PATH', '')}",
                ORCHESTRATOR_LOG_DIR=os.path.join(temp_dir, "driver-logs"))
-    dashboard = free_port()
+    dashboard, gcs_port = free_port(), free_port()
     cmd = [os.path.join(BIN, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+           f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}/ray", "--disable-usage-stats"]
     log = open(os.path.join(temp_dir, "head.log"), "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    head = RayHead(f"http://127.0.0.1:{dashboard}", token, env, env["ORCHESTRATOR_LOG_DIR"])
+    head = RayHead(f"http://127.0.0.1:{dashboard}", token, env, env["ORCHESTRATOR_LOG_DIR"], f"127.0.0.1:{gcs_port}",
+                   proc.pid)
     try:
         _wait_until_up(head, proc, os.path.join(temp_dir, "head.log"))
         yield head
@@ -281,6 +287,42 @@ def test_stop_a_running_pipeline(head, workdir, store):
     # Stopping it again: nothing to do, and said so.
     again = head.cli("stop", run_id, "--address", head.address)
     assert again.returncode == 0 and "already ended" in again.stdout
+
+
+def test_ctrl_c_stops_a_run_driving_a_cluster_and_its_work_there(head, workdir, store):
+    """`orchestrator run --address`: the driver is here, its training workers on the cluster.
+    Ctrl-C: exit 130 within seconds, the record stopped, and the cluster ends the driver's actors."""
+    pretrain = {"kind": "pretrain", "data": "corpus", "model": {"preset": "tiny", "max_position_embeddings": 64},
+                "steps": 500, "micro_batch": 2, "num_workers": 1, "checkpoint_every": 500, "warmup_steps": 2}
+    raw = tiny_pipeline("ctrl-c", store, pretrain=pretrain)
+    for name in ("tok", "corpus"):  # the cluster's tasks read them: this machine's absolute paths
+        raw["stages"][name]["source"]["paths"] = [os.path.join(workdir, "data", "*.jsonl")]
+    spec = write_spec(workdir, "ctrl-c.yaml", raw)
+    driver = subprocess.Popen([os.path.join(BIN, "orchestrator"), "run", spec, "--address", head.gcs,
+                               "--run-id", "ctrl-c-1", "--storage", store], cwd=workdir, env=head.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    storage = open_storage(store)
+
+    def training_on_the_cluster():
+        record = load_record(storage, "ctrl-c-1")
+        workers = [p for p in psutil.Process(head.pid).children(recursive=True) if "RayTrainWorker" in cmdline(p)]
+        return record is not None and record.stages["pretrain"].status == "running" and workers
+
+    try:
+        wait_for(training_on_the_cluster, "training workers on the cluster", RUN_TIMEOUT_S, poll_s=0.5,
+                 check=lambda: driver.poll() is None or pytest.fail(driver.stdout.read()))
+        time.sleep(2)  # into the training loop
+        driver.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        assert driver.wait(15) == 130, driver.stdout.read()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    record = load_record(storage, "ctrl-c-1")
+    assert record.status == "stopped" and record.stages["pretrain"].status == "stopped"
+    wait_for(lambda: not any("RayTrainWorker" in cmdline(p) or "TrainController" in cmdline(p)
+                             for p in psutil.Process(head.pid).children(recursive=True)),
+             "the cluster to end the driver's training actors", max(1.0, 15 - (time.monotonic() - t0)))
 
 
 def test_stop_records_a_driver_that_ray_had_to_kill(tmp_path):
