@@ -48,6 +48,14 @@ class Driver:
     def record(self):
         return load_record(open_storage(self.storage), self.run_id)
 
+    def running(self, stage: str, timeout_s: float) -> str:
+        """Wait until the record shows `stage` running; its output URI."""
+        def stage_running():
+            record = self.record()
+            return record and stage in record.stages and record.stages[stage].status == "running"
+        until(stage_running, f"run {self.run_id}'s {stage} to start", timeout_s, [self])
+        return self.record().stages[stage].output_uri
+
     def wait(self, timeout_s: float) -> int:
         try:
             return self.proc.wait(timeout_s)

@@ -22,9 +22,7 @@ def test_ctrl_c_mid_training_stops_the_run_and_its_ray_within_seconds(tmp_path):
     with drivers() as started:
         driver = Driver(spec, "ctrl-c", storage, tmp_path)
         started.append(driver)
-        until(lambda: (r := driver.record()) and r.stages.get("pretrain") and r.stages["pretrain"].status == "running",
-              "pretraining to start", 300, [driver])
-        ckpt = open_storage(driver.record().stages["pretrain"].output_uri).sub("ckpt")
+        ckpt = open_storage(driver.running("pretrain", 300)).sub("ckpt")
         until(lambda: committed_steps(ckpt)[0], "the first checkpoint", 300, [driver])
         assert len(driver.processes()) > 3  # the driver and its Ray: GCS, raylet, workers
 

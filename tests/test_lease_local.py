@@ -55,9 +55,7 @@ def test_a_killed_holder_is_taken_over_and_a_waiter_stops_on_ctrl_c(s3_bucket, t
     with drivers() as started:
         holder = Driver(spec, "holder", storage, tmp_path)
         started.append(holder)
-        until(lambda: (r := holder.record()) and r.stages.get("pretrain") and r.stages["pretrain"].status == "running",
-              "the holder's pretraining to start", 300, [holder])
-        pretrain_uri = holder.record().stages["pretrain"].output_uri
+        pretrain_uri = holder.running("pretrain", 300)
         taker, quitter = Driver(spec, "taker", storage, tmp_path), Driver(spec, "quitter", storage, tmp_path)
         started += [taker, quitter]
         for d in (taker, quitter):
