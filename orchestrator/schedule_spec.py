@@ -38,6 +38,8 @@ def parse_duration(text: str) -> timedelta:
 
 
 class ScheduleSpec(BaseModel):
+    """When the pipeline runs by itself (`orchestrator schedule`): one run per cron tick."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     cron: str
@@ -99,6 +101,8 @@ class ScheduleSpec(BaseModel):
 
 
 class GateMetric(BaseModel):
+    """One metric the gate compares with the last promoted run."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     name: str
@@ -118,6 +122,9 @@ class GateMetric(BaseModel):
 
 
 class GateSpec(BaseModel):
+    """The regression gate: a successful run whose metrics are within their thresholds of the last
+    promoted run's is promoted (the `latest` / `best` aliases point to its export)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     stage: str
