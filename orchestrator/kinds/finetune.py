@@ -10,6 +10,7 @@ from typing import Literal, Mapping
 from pydantic import field_validator, model_validator
 
 from jobs.fields import output
+from jobs.model import ModelSpec
 from jobs.sft import SFTTaskSpec
 from orchestrator.kinds.base import LocalPath, StageKind, StageSpec, file_problems, stage_or_path
 from orchestrator.kinds.preprocess import PreprocessStage
@@ -41,6 +42,8 @@ class FinetuneStage(TrainStage):
     """Peak learning rate (lower than pretraining's: the weights are already trained)."""
     warmup_steps: int = output(10, ge=0)
     """Linear warmup from 0 to lr."""
+    model: ModelSpec = output(ModelSpec())
+    """Not set here: the model and its shape come from `init` (giving it is an error)."""
 
     _init_or_path = field_validator("init", mode="before")(lambda cls, v: stage_or_path(v, "a training"))
 
