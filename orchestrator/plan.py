@@ -61,8 +61,9 @@ def make_plan(spec: PipelineSpec, storage: Storage, run_id: str | None = None) -
             "files": _fingerprint(name, stage),
         }
         previous = None
-        if getattr(stage, "init", None) == "previous":
-            tokenizer = spec.stages[stage.data].tokenizer  # the ids the weights were trained on must not change
+        continues = stage.starts_from_previous_run(spec.stages)
+        if continues:
+            tokenizer = continues.tokenizer  # the ids the weights were trained on must not change
             tokenizer_hash = planned[tokenizer].hash if isinstance(tokenizer, str) else None
             previous = previous_weights(spec, storage, name, fields, run_id, tokenizer, tokenizer_hash)
         if previous:

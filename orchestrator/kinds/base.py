@@ -64,6 +64,12 @@ class StageKind:
         return getattr(importlib.import_module(module), function)
 
 
+@dataclass(frozen=True)
+class StartsFromPreviousRun:
+    tokenizer: str | LocalPath
+    """Its tokenizer: the previous run's weights are used only if they were trained on the same ids."""
+
+
 class StageSpec(BaseModel):
     """What every stage spec has: the resources the runner reserves while the stage runs."""
 
@@ -72,6 +78,11 @@ class StageSpec(BaseModel):
     def bundles(self) -> list[dict[str, float]]:
         """The resources to reserve while it runs, one dict per Ray worker or task."""
         return list(DEFAULT_BUNDLES)
+
+    def starts_from_previous_run(self, stages: Mapping[str, StageSpec]) -> StartsFromPreviousRun | None:
+        """Whether the stage starts from what it ended with in the pipeline's newest successful run
+        (the plan then finds that run, and a new one is a new input); None: it does not."""
+        return None
 
     def problems(self, name: str, stages: Mapping[str, StageSpec]) -> list[str]:
         """What is wrong with stage `name` given the pipeline's other stages (those that validate)

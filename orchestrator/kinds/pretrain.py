@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal, Mapping
 
 from jobs.fields import output
-from orchestrator.kinds.base import StageKind, StageSpec
+from orchestrator.kinds.base import StageKind, StageSpec, StartsFromPreviousRun
 from orchestrator.kinds.preprocess import PreprocessStage
 from orchestrator.kinds.training import TrainResults, TrainStage, training_summary
 
@@ -20,6 +20,9 @@ class PretrainStage(TrainStage):
     init: Literal["previous"] | None = output(None)
     """`previous`: start from the weights this stage ended with in the pipeline's newest successful
     run (nightly continued training); from random weights when there is none or `model` changed."""
+
+    def starts_from_previous_run(self, stages: Mapping[str, StageSpec]) -> StartsFromPreviousRun | None:
+        return StartsFromPreviousRun(stages[self.data].tokenizer) if self.init == "previous" else None
 
     def max_positions(self, stages: Mapping[str, StageSpec], seen: frozenset) -> int | None:
         return self.model.max_position_embeddings
