@@ -144,7 +144,7 @@ def build_engine(args):
     spec = TrainSpec(model=model, steps=10_000, micro_batch=args.micro_batch, zero_stage=2, warmup_steps=10,
                      precision="fp32", lr=1e-4)
     config = llama_config(model, args.vocab, eos_id=0, pad_id=1)
-    engine = _engine(spec, config, 1, False, torch.device("cpu"), None)
+    engine, _, _ = _engine(spec, config, 1, False, torch.device("cpu"), None)
     gen = torch.Generator().manual_seed(0)
 
     def step() -> float:

@@ -2,12 +2,14 @@
 `AutoModelForCausalLM` / `AutoTokenizer`, from a live engine or from a committed checkpoint.
 
 ZeRO-3 shards every weight across ranks; both paths gather them into one consolidated fp32
-state dict first (a live engine with `GatheredParameters`, a checkpoint with DeepSpeed's
-`zero_to_fp32`), so the export is the same whatever the ZeRO stage was.
+state dict in host memory first (a live engine one parameter at a time, a checkpoint with
+DeepSpeed's `zero_to_fp32`), so the export is the same whatever the ZeRO stage was. Past
+MAX_SHARD_SIZE the weights are written as several safetensors files with an index, as the Hub does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -15,22 +17,25 @@ import torch
 
 # info.json (jobs.tokenizer) rides along: a fine-tuning stage reads eos/pad ids from an export.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "info.json")
+MAX_SHARD_SIZE = "5GB"  # per safetensors file: what the Hub's loaders and most file systems handle well
 
 
-def gather_state_dict(engine, zero_stage: int, rank: int) -> dict | None:
-    """Collective: the full state dict on rank 0 (None elsewhere)."""
+def gather_state_dict(module, rank: int) -> dict | None:
+    """Collective: the full fp32 state dict in rank 0's host memory (None elsewhere). Under ZeRO-3
+    one parameter at a time is gathered on the device and copied out: the device never holds more
+    than the largest parameter beyond its own partition."""
     import deepspeed
 
-    module = engine.module
-    if zero_stage == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
-    else:
-        state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+    state = {} if rank == 0 else None
+    for name, param in module.named_parameters():  # tied weights once: save_hf ties them again
+        zero3 = hasattr(param, "ds_id")
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else contextlib.nullcontext():
+            if rank == 0:
+                state[name] = param.detach().to("cpu", torch.float32, copy=True)
     return state
 
 
-def save_hf(state_dict: dict, config, tokenizer_dir: str, out_dir: str) -> None:
+def save_hf(state_dict: dict, config, tokenizer_dir: str, out_dir: str, max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
@@ -42,7 +47,7 @@ def save_hf(state_dict: dict, config, tokenizer_dir: str, out_dir: str) -> None:
     if config.tie_word_embeddings:
         model.tie_weights()
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)  # safetensors
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(tokenizer_dir, name)):
             shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))

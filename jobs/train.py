@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from jobs.batch_stream import BatchStream
 from jobs.checkpoint import CheckpointWriter, committed_steps, discard_after, fetch_for_rank, step_key
 from jobs.commit import FileEntry, file_entry
 from jobs.data import BatchOrder, PackedTokens
@@ -27,7 +28,9 @@ from jobs.deepspeed_config import build_deepspeed_config, load_user_config
 from jobs.export import TOKENIZER_FILES, gather_state_dict, save_hf
 from jobs.faults import crash_point
 from jobs.model import flops_per_token, llama_config
+from jobs.model_init import build_model, local_parameter_bytes, model_parameter_bytes
 from jobs.sft import SFTExamples
+from jobs.speed import apply_speed
 from jobs.storage import open_storage
 from jobs.train_spec import TrainSpec
 
@@ -57,10 +60,11 @@ class TrainResult:
 def train(job: TrainJob) -> TrainResult:
     spec = job.spec
     report = job.report or (lambda metrics: print(json.dumps(metrics), flush=True))
-    if not dist.is_initialized():
-        import deepspeed
+    import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    # Sets the process group up under torchrun; under Ray Train, which already did, it wraps that
+    # group in DeepSpeed's comm layer, which zero.Init reads before deepspeed.initialize would.
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = _device()
     bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
@@ -74,7 +78,9 @@ def train(job: TrainJob) -> TrainResult:
     else:
         init_dir, tokenizer_dir = None, _fetch_tokenizer(job.data_uri, local_dir)
         config = llama_config(spec.model, data.vocab_size, data.eos_id, _pad_id(tokenizer_dir))
-    engine = _engine(spec, config, world, bf16, device, init_dir)
+    engine, speed_context, facts = _engine(spec, config, world, bf16, device, init_dir)
+    if rank == 0:
+        report({"note": "speed: " + ", ".join(f"{lever.replace('_', ' ')} {how}" for lever, how in facts["speed"].items())})
     ckpt = open_storage(job.out_uri).sub("ckpt")
 
     start_step, resumed_from = _resume(engine, ckpt, rank, local_dir, job.config_hash, report)
@@ -84,54 +90,23 @@ def train(job: TrainJob) -> TrainResult:
     order = BatchOrder(len(data), spec.micro_batch, spec.grad_accum, world, spec.seed)
     writer = CheckpointWriter(ckpt, rank, world, local_dir, spec.keep_last, spec.keep_every)
     extras = _checkpoint_extras(config, tokenizer_dir, local_dir) if rank == 0 else {}
-    flops = flops_per_token(config, data.seq_len)
-    peak = (_peak_flops(device) or 0.0) * world
-    tokens_per_step = order.global_batch * data.seq_len
     metrics: dict = {"resumed_from": resumed_from}
-    history: list[list[float]] = []  # [step, loss] at each report: the loss curve in the run record
-    def new_window():  # (start time, steps, summed loss), the loss on the device: no sync per micro batch
-        return time.perf_counter(), 0, torch.zeros((), dtype=torch.float64, device=device)
+    throughput = Throughput(flops_per_token(config, data.seq_len), _peak_flops(device), world,
+                            order.global_batch * data.seq_len)
 
-    window_start, window_steps, window_loss = new_window()
+    def checkpoint(step: int) -> None:
+        meta = {"data_position": step * order.global_batch, "seed": spec.seed, "config_hash": job.config_hash,
+                "world_size": world, "zero_stage": spec.zero_stage}
+        writer.save(engine, step, {"step": step, "rng": _rng_state()}, meta, extras)
 
-    for step in range(start_step, spec.steps):
-        for micro in range(spec.grad_accum):
-            tokens, labels = (torch.from_numpy(a).to(device) for a in data.batch(order.indices(step, micro, rank)))
-            loss = engine(input_ids=tokens, labels=labels).loss
-            engine.backward(loss)
-            engine.step()
-            window_loss += loss.detach().double() / spec.grad_accum
-        window_steps += 1
-        crash_point("train", step + 1)
-        done = step + 1
-        if done % spec.checkpoint_every == 0 or done == spec.steps:
-            meta = {"data_position": done * order.global_batch, "seed": spec.seed, "config_hash": job.config_hash,
-                    "world_size": world, "zero_stage": spec.zero_stage}
-            writer.save(engine, done, {"step": done, "rng": _rng_state()}, meta, extras)
-        if done % spec.log_every == 0 or done == spec.steps:
-            dist.all_reduce(window_loss)
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_steps * tokens_per_step / elapsed
-            metrics.update(
-                step=done,
-                loss=float(window_loss) / world / window_steps,
-                lr=engine.get_lr()[0],
-                grad_norm=_float(engine.get_global_grad_norm()),
-                tokens_per_s=tokens_per_s,
-                mfu=tokens_per_s * flops / peak if peak else None,
-            )
-            history.append([done, metrics["loss"]])
-            if rank == 0:
-                report(dict(metrics))
-                for name in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-                    if metrics[name] is not None:
-                        tensorboard.add_scalar(f"train/{name}", metrics[name], done)
-            window_start, window_steps, window_loss = new_window()
+    with speed_context:
+        history = _train_steps(engine, spec, data, order, start_step, rank, world, device, report, metrics,
+                               throughput, tensorboard, checkpoint)
+        probe = torch.from_numpy(data.batch(order.indices(0, 0, rank))[0][:1]).to(device)  # one sequence
+        engine_logits = _logits(engine, probe)  # collective under ZeRO-3: every rank runs it
 
     writer.wait()  # the last checkpoint is committed before the export says "done"
-    state = gather_state_dict(engine, spec.zero_stage, rank)
-    probe = torch.from_numpy(data.batch(order.indices(0, 0, rank))[0][:1]).to(device)  # one sequence
-    engine_logits = _logits(engine, probe)  # collective under ZeRO-3: every rank runs it
+    state = gather_state_dict(engine.module, rank)
     files: dict[str, FileEntry] = {}
     if rank == 0:
         tensorboard.close()
@@ -142,11 +117,83 @@ def train(job: TrainJob) -> TrainResult:
         for prefix, directory in (("hf", hf_dir), ("tb", tensorboard.logdir)):
             for key in out.upload_dir(directory, prefix):
                 files[key] = file_entry(os.path.join(directory, key.removeprefix(prefix + "/")))
-        metrics["final_loss"] = metrics.get("loss")
+        metrics.update(facts, final_loss=metrics.get("loss"))
         metrics["loss_history"] = history
         metrics["last_checkpoint"] = ckpt.url(step_key(spec.steps))
     dist.barrier()
     return TrainResult(metrics, files)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What turns a report window's tokens into the honest numbers: MFU, TFLOP/s per device."""
+    flops_per_token: float  # training FLOPs (jobs.model.flops_per_token)
+    device_peak: float | None  # the device's stated dense bf16 FLOP/s; None: unknown (CPUs)
+    world: int
+    tokens_per_step: int
+
+    def of(self, tokens_per_s: float) -> dict:
+        per_device = tokens_per_s * self.flops_per_token / self.world
+        return {"tokens_per_s": tokens_per_s, "tflops_per_device": per_device / 1e12,
+                "mfu": per_device / self.device_peak if self.device_peak else None}
+
+
+def _train_steps(engine, spec: TrainSpec, data, order: BatchOrder, start_step: int, rank: int, world: int,
+                 device: torch.device, report: Callable[[dict], None], metrics: dict, throughput: Throughput,
+                 tensorboard, checkpoint: Callable[[int], None]) -> list[list[float]]:
+    """Steps start_step..spec.steps, a checkpoint every checkpoint_every and a report every log_every
+    (rank 0); metrics hold the last report. Returns the loss curve: [step, loss] at each report."""
+    history: list[list[float]] = []
+
+    def new_window():  # (start time, steps, summed loss), the loss on the device: no sync per micro batch
+        return time.perf_counter(), 0, torch.zeros((), dtype=torch.float64, device=device)
+
+    window_start, window_steps, window_loss = new_window()
+    with BatchStream(data, order, rank, start_step, spec.steps, device) as batches:
+        for step in range(start_step, spec.steps):
+            for micro in range(spec.grad_accum):
+                tokens, labels = next(batches)
+                loss = engine(input_ids=tokens, labels=labels).loss
+                engine.backward(loss)
+                engine.step()
+                window_loss += loss.detach().double() / spec.grad_accum
+            window_steps += 1
+            crash_point("train", step + 1)
+            done = step + 1
+            if done % spec.checkpoint_every == 0 or done == spec.steps:
+                checkpoint(done)
+            if done % spec.log_every == 0 or done == spec.steps:
+                dist.all_reduce(window_loss)
+                elapsed = time.perf_counter() - window_start
+                metrics.update(step=done, loss=float(window_loss) / world / window_steps, lr=engine.get_lr()[0],
+                               grad_norm=_float(engine.get_global_grad_norm()),
+                               peak_memory_gib=_peak_memory(device) / 2**30,
+                               **throughput.of(window_steps * throughput.tokens_per_step / elapsed))
+                history.append([done, metrics["loss"]])
+                if rank == 0:
+                    report(dict(metrics))
+                    for name in _TENSORBOARD_SCALARS:
+                        if metrics[name] is not None:
+                            tensorboard.add_scalar(f"train/{name}", metrics[name], done)
+                window_start, window_steps, window_loss = new_window()
+    return history
+
+
+_TENSORBOARD_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tflops_per_device", "peak_memory_gib")
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Collective: the largest peak memory of any rank so far, in bytes: allocated device memory on
+    GPUs, the process's resident memory on CPUs."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    value = torch.tensor(peak, dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value)
 
 
 def _logits(engine, tokens: torch.Tensor) -> torch.Tensor:
@@ -202,29 +249,36 @@ def _init_config(init_dir: str, data):
 
 
 def _engine(spec: TrainSpec, config, world: int, bf16: bool, device: torch.device, init_dir: str | None):
+    """(the DeepSpeed engine, the context its steps run in, facts for the record: the parameter
+    bytes of each rank right after construction, what each speed lever does)."""
     import deepspeed
-    from transformers import LlamaForCausalLM
 
     user = load_user_config(spec.deepspeed_config) if spec.deepspeed_config else None
     ds_config = build_deepspeed_config(zero_stage=spec.zero_stage, micro_batch=spec.micro_batch,
                                        grad_accum=spec.grad_accum, world_size=world, grad_clip=spec.grad_clip,
                                        bf16=bf16, user_config=user)
-    torch.manual_seed(spec.seed)
-    if init_dir:
-        model = LlamaForCausalLM.from_pretrained(init_dir, dtype=torch.float32).to(device)
-    else:
-        model = LlamaForCausalLM(config).to(device)
+    zero3 = spec.zero_stage == 3
+    model = build_model(config, ds_config=ds_config, zero3=zero3, seed=spec.seed, device=device, weights_dir=init_dir)
+    # Right after construction, before DeepSpeed adds buffers of its own: what sharding saved.
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, local_parameter_bytes(model))
+    facts = {"param_bytes_per_rank": per_rank, "model_param_bytes": model_parameter_bytes(model)}
+    facts["speed"], speed_context = apply_speed(model, spec.speed, device, torch.bfloat16 if bf16 else torch.float32,
+                                                zero3)
+    torch.manual_seed(spec.seed)  # the streams a step draws from start the same however the model was built
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
         # torch's AdamW rather than DeepSpeed's: no op to JIT-compile, and identical on CPU and GPU.
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        # A ZeRO-3 parameter's tensor is its (flat) partition: its shape is ds_shape.
+        matrices = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in model.parameters()]
+        decay = [p for p, matrix in zip(model.parameters(), matrices) if matrix]
+        no_decay = [p for p, matrix in zip(model.parameters(), matrices) if not matrix]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=spec.betas)
     if "scheduler" not in ds_config and optimizer is not None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(spec))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    return engine
+    return engine, speed_context, facts
 
 
 def _warmup_cosine(spec: TrainSpec) -> Callable[[int], float]:

@@ -11,6 +11,28 @@ from jobs.fields import operational, output
 from jobs.model import ModelSpec
 
 
+class SpeedSpec(BaseModel):
+    """How fast the model's steps run on the device (jobs/speed.py). `auto` picks what is right on
+    the device the stage gets and says so in one line; the record keeps what ran."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    compile: Literal["auto", "layers", "model", "off"] = output("auto")
+    """torch.compile: `layers` compiles each decoder layer (one compilation that every layer reuses:
+    start-up stays short), `model` the whole model; `auto`: `layers` on GPUs, off on CPUs."""
+    fused_kernels: Literal["auto", "liger", "off"] = output("auto")
+    """Liger Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy (the logits are never
+    materialized); `liger` needs a GPU stage and the `liger-kernel` package; `auto` uses them where
+    both are there."""
+    attention: Literal["auto", "flash", "sdpa", "eager"] = output("auto")
+    """`flash`: torch SDPA's flash backend (an error where it cannot run); `sdpa`: SDPA with the
+    backend torch picks; `eager`: transformers' plain attention; `auto`: flash where it runs, else sdpa."""
+    activation_checkpointing: Literal["none", "selective", "full"] = operational("none")
+    """Recompute activations in the backward pass instead of keeping them: `full` each decoder
+    layer, `selective` all but the matrix multiplications' and attention's outputs. Less memory
+    for more compute; the same numbers, so it does not change the output."""
+
+
 class TrainSpec(BaseModel):
     """How a model trains; shared by pretraining and fine-tuning stages."""
 
@@ -50,5 +72,7 @@ class TrainSpec(BaseModel):
     """Seeds the weights and the data order."""
     log_every: int = operational(10, ge=1)
     """Steps between progress reports."""
+    speed: SpeedSpec = output(SpeedSpec())
+    """Compilation, fused kernels, attention and activation checkpointing."""
     deepspeed_config: str | None = output(None, local="file")
     """A DeepSpeed JSON file merged over the generated config; its "auto" values come from here."""

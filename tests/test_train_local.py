@@ -92,6 +92,12 @@ def test_zero_stage_trains_and_commits_checkpoints_to_s3(trained, zero_stage):
     assert not ckpt.list(step_key(4))  # retention removed the oldest
     assert stage.metrics["export_max_logit_diff"] < 1e-4
     assert stage.metrics["last_checkpoint"] == ckpt.url(step_key(12))
+    # The honest numbers: achieved FLOP/s and peak memory (a CPU worker's resident memory); no MFU
+    # without a stated peak; what each speed lever did on this CPU.
+    assert stage.metrics["tflops_per_device"] > 0 and stage.metrics["mfu"] is None
+    assert 0.1 < stage.metrics["peak_memory_gib"] < 24
+    assert stage.metrics["speed"]["attention"] == "sdpa (flash)"
+    assert stage.metrics["speed"]["compile"].startswith("off (auto")
 
 
 def test_export_reproduces_the_trained_model(trained, tmp_path):
@@ -111,10 +117,42 @@ def test_export_reproduces_the_trained_model(trained, tmp_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path / "cli")).eos_token == "<|endoftext|>"
 
 
-def test_worker_crash_resumes_to_identical_weights(trained, start_ray, tmp_path):
-    baseline = trained[2]  # the same pipeline, uninterrupted
+def losses(metrics: dict) -> list[float]:
+    return [loss for _, loss in metrics["loss_history"]]
+
+
+def test_zero3_shards_the_model_from_its_construction_and_trains_like_zero2(trained):
+    z2, z3 = (trained[zero].stages["pretrain"].metrics for zero in (2, 3))
+    model = z3["model_param_bytes"]
+    assert model == z2["model_param_bytes"] > 0
+    assert z2["param_bytes_per_rank"] == [model, model]  # ZeRO-2: every rank builds the whole model
+    # ZeRO-3: each rank's partitions, right after construction: half, plus at most a padding element
+    # per parameter for the odd sizes.
+    assert all(model / 2 <= b <= model / 2 + 4 * 64 for b in z3["param_bytes_per_rank"]), z3["param_bytes_per_rank"]
+    # The same seed gives the same initial weights whatever the stage, so the same losses.
+    assert losses(z3) == pytest.approx(losses(z2), rel=1e-4)
+    assert losses(trained[1].stages["pretrain"].metrics) == pytest.approx(losses(z2), rel=1e-4)
+
+
+def test_init_from_an_export_under_zero3_loads_sharded_and_starts_where_zero2_does(trained):
+    spec = json.loads(pipeline(trained[2].storage))  # the pretrain stage is cached
+    spec["stages"].update({f"ft{zero}": {"kind": "finetune", "init": "pretrain", "data": "corpus", "steps": 4,
+                                         "log_every": 1, "checkpoint_every": 4, "micro_batch": 4, "lr": 1e-3,
+                                         "warmup_steps": 1, "zero_stage": zero} for zero in (2, 3)})
+    record = run(json.dumps(spec))
+    assert record.stages["pretrain"].cached
+    ft2, ft3 = (record.stages[f"ft{zero}"].metrics for zero in (2, 3))
+    assert all(b <= ft3["model_param_bytes"] / 2 + 4 * 64 for b in ft3["param_bytes_per_rank"])
+    assert losses(ft3) == pytest.approx(losses(ft2), rel=1e-4)
+    # It starts from the trained weights: its first loss is near where pretraining ended.
+    assert losses(ft2)[0] < losses(trained[2].stages["pretrain"].metrics)[0] - 0.5
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_worker_crash_resumes_to_identical_weights(trained, start_ray, tmp_path, zero_stage):
+    baseline = trained[zero_stage]  # the same pipeline, uninterrupted
     start_ray(ORCHESTRATOR_CRASH_AT="train:11", ORCHESTRATOR_CRASH_ONCE_DIR=str(tmp_path / "once"))
-    crashed = run(pipeline(f"file://{tmp_path}/crashed"))
+    crashed = run(pipeline(f"file://{tmp_path}/crashed", zero_stage=zero_stage))
     stage = crashed.stages["pretrain"]
     assert os.path.exists(tmp_path / "once" / "crashed-train-11")  # a worker really died at step 11
     assert stage.status == "succeeded" and stage.attempts == 2

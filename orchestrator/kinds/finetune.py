@@ -69,7 +69,7 @@ class FinetuneStage(TrainStage):
     def problems(self, name: str, stages: Mapping[str, StageSpec]) -> list[str]:
         from jobs.sft import load_sft_rows  # reads the file: only when validating a whole pipeline
 
-        problems = []
+        problems = super().problems(name, stages)
         positions = self.max_positions(stages, frozenset({name}))
         data = stages.get(self.data or "")
         if positions is not None and isinstance(data, PreprocessStage) and data.seq_len > positions:
@@ -96,6 +96,6 @@ class FinetuneResults(TrainResults):
     """Examples with no response token left within seq_len: they teach nothing."""
 
 
-KIND = StageKind("finetune", FinetuneStage, version=1, run="orchestrator.stages.finetune:run",
+KIND = StageKind("finetune", FinetuneStage, version=2, run="orchestrator.stages.finetune:run",
                  references={"init": ("pretrain", "finetune"), "data": ("preprocess",)}, results=FinetuneResults,
                  exports_model=True, summarize=training_summary)

@@ -28,13 +28,14 @@ class PretrainStage(TrainStage):
         return self.model.max_position_embeddings
 
     def problems(self, name: str, stages: Mapping[str, StageSpec]) -> list[str]:
+        problems = super().problems(name, stages)
         data = stages.get(self.data)
         if isinstance(data, PreprocessStage) and data.seq_len > self.model.max_position_embeddings:
-            return [f"stages.{name}.model.max_position_embeddings: {self.model.max_position_embeddings} is shorter "
-                    f"than stages.{self.data}.seq_len {data.seq_len}; raise it or shorten seq_len"]
-        return []
+            problems.append(f"stages.{name}.model.max_position_embeddings: {self.model.max_position_embeddings} is "
+                            f"shorter than stages.{self.data}.seq_len {data.seq_len}; raise it or shorten seq_len")
+        return problems
 
 
-KIND = StageKind("pretrain", PretrainStage, version=1, run="orchestrator.stages.pretrain:run",
+KIND = StageKind("pretrain", PretrainStage, version=2, run="orchestrator.stages.pretrain:run",
                  references={"data": ("preprocess",)}, results=TrainResults, exports_model=True,
                  summarize=training_summary)

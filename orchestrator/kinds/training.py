@@ -3,6 +3,7 @@ and how a training stage is summarized."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Mapping
 
 from pydantic import field_validator, model_validator
@@ -41,6 +42,19 @@ class TrainStage(TrainSpec, StageSpec):
                                  f"(= {self.global_batch // per_pass} x {per_pass}); give one of them")
             object.__setattr__(self, "grad_accum", self.global_batch // per_pass)  # frozen: derived once, here
         return self
+
+    @model_validator(mode="after")
+    def _levers_fit_the_device(self):
+        if self.speed.fused_kernels == "liger" and not self.use_gpu:
+            raise ValueError("speed.fused_kernels: liger runs Triton kernels on GPUs, and this stage has use_gpu: false; "
+                             "set use_gpu: true, or fused_kernels: auto (plain PyTorch on CPUs)")
+        return self
+
+    def problems(self, name: str, stages: Mapping[str, StageSpec]) -> list[str]:
+        if self.speed.fused_kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
+            return [f"stages.{name}.speed.fused_kernels: liger needs the liger-kernel package, which is not installed; "
+                    "pip install liger-kernel (on the driver and the GPU workers), or set fused_kernels: auto"]
+        return []
 
     def max_positions(self, stages: Mapping[str, StageSpec], seen: frozenset) -> int | None:
         """The model's context length: its own model's, or that of the model it starts from."""
@@ -91,7 +105,14 @@ class TrainResults(StageResults):
     tokens_per_s: float | None
     """Throughput over the last report interval, all workers together."""
     mfu: float | None = None
-    """Model FLOPs utilization (GPUs with a stated peak only)."""
+    """Model FLOPs utilization: training FLOPs per token (6N + attention) x tokens/s over the
+    devices' stated dense bf16 peak (GPUs with a stated peak only)."""
+    tflops_per_device: float | None = None
+    """Training FLOPs achieved per device, in TFLOP/s, over the last report interval."""
+    peak_memory_gib: float | None = None
+    """The largest peak memory of any worker: allocated GPU memory, or a CPU worker's resident memory."""
+    speed: dict[str, str] = {}
+    """What each speed lever did (attention kernel, fused kernels, activation checkpointing, compile)."""
     last_checkpoint: str | None
     """The URI of the final committed checkpoint."""
     resumed_from: int | None = None
@@ -102,10 +123,16 @@ class TrainResults(StageResults):
     """Largest logit difference between the engine and its Hugging Face export on one sequence."""
     restarts: int = 0
     """Worker-group restarts this driver attempt needed."""
+    model_param_bytes: int | None = None
+    """The whole model's parameters, in bytes at the training dtype."""
+    param_bytes_per_rank: list[int] | None = None
+    """The parameter bytes each rank held right after building the model: about model / N under
+    ZeRO-3, the whole model under ZeRO-1/2."""
 
 
 def training_summary(r: TrainResults) -> str:
     if r.final_loss is None:
         return ""
     resumed = f", resumed from step {r.resumed_from}" if r.resumed_from is not None else ""
-    return f"loss {r.final_loss:.3f}, {r.tokens_per_s or 0:,.0f} tokens/s{resumed}"
+    mfu = f" ({r.mfu:.1%} MFU)" if r.mfu else ""
+    return f"loss {r.final_loss:.3f}, {r.tokens_per_s or 0:,.0f} tokens/s{mfu}{resumed}"

@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jobs.train import TrainJob, train
 from jobs.train_spec import TrainSpec
+from orchestrator.kinds.training import TrainResults
 from orchestrator.stages import StageContext, StageOutput
 
 _FIT_ENDED = {"event": "fit-ended"}
@@ -51,8 +52,8 @@ def run_training(ctx: StageContext, job_fields: dict) -> StageOutput:
                 break
             if message == _FIT_ENDED:
                 break
-            if "warning" in message:
-                ctx.console.line(f"  {message['warning']}")
+            if "warning" in message or "note" in message:
+                ctx.console.line(f"  {message.get('warning') or message['note']}")
             elif message.get("event") == "started":
                 starts += 1
                 if message["resumed_from"] is not None:
@@ -68,8 +69,7 @@ def run_training(ctx: StageContext, job_fields: dict) -> StageOutput:
         raise outcome["error"]
     if final is None:
         raise RuntimeError(f"stage {ctx.name}: training ended without a final report")
-    metrics = {k: final["metrics"].get(k) for k in ("final_loss", "tokens_per_s", "mfu", "last_checkpoint", "resumed_from",
-                                                      "loss_history", "export_max_logit_diff")}
+    metrics = {k: final["metrics"].get(k) for k in TrainResults.model_fields if k != "restarts"}
     metrics["restarts"] = max(starts - 1, 0)
     return StageOutput(final["files"], metrics, attempts=max(starts, 1))
 
@@ -120,4 +120,5 @@ def _worker_loop(config: dict) -> None:
 def _progress_line(m: dict) -> str:
     mfu = f"  mfu {m['mfu']:.1%}" if m.get("mfu") else ""
     return (f"  step {m['step']:>6}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  grad norm {m['grad_norm'] or 0:.3f}  "
-            f"{m['tokens_per_s']:,.0f} tokens/s{mfu}")
+            f"{m['tokens_per_s']:,.0f} tokens/s  {m['tflops_per_device']:.2f} TFLOP/s/device{mfu}  "
+            f"peak {m['peak_memory_gib']:.1f} GiB")
