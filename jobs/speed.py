@@ -27,7 +27,6 @@ import torch
 from jobs.train_spec import SpeedSpec
 
 
-
 def apply_speed(model, speed: SpeedSpec, device: torch.device, dtype: torch.dtype,
                 zero3: bool) -> tuple[dict[str, str], contextlib.AbstractContextManager]:
     """Apply the levers to a freshly built model (before DeepSpeed wraps it): (what runs, lever by

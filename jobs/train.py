@@ -153,7 +153,7 @@ def _train_steps(engine, spec: TrainSpec, data, order: BatchOrder, start_step: i
         for step in range(start_step, spec.steps):
             for micro in range(spec.grad_accum):
                 tokens, labels = next(batches)
-                loss = engine(input_ids=tokens, labels=labels).loss
+                loss = engine(input_ids=tokens, labels=labels, use_cache=False).loss  # one compiled graph for every layer
                 engine.backward(loss)
                 engine.step()
                 window_loss += loss.detach().double() / spec.grad_accum
