@@ -113,7 +113,7 @@ def train(job: TrainJob) -> TrainResult:
         out = open_storage(job.out_uri)
         hf_dir = os.path.join(local_dir, "hf")
         save_hf(state, config, tokenizer_dir, hf_dir)
-        metrics["export_max_logit_diff"] = _check_export(hf_dir, probe.cpu(), engine_logits, bf16)
+        metrics["export_max_logit_diff"] = _check_export(hf_dir, probe, engine_logits, bf16)
         for prefix, directory in (("hf", hf_dir), ("tb", tensorboard.logdir)):
             for key in out.upload_dir(directory, prefix):
                 files[key] = file_entry(os.path.join(directory, key.removeprefix(prefix + "/")))
@@ -164,8 +164,9 @@ def _train_steps(engine, spec: TrainSpec, data, order: BatchOrder, start_step: i
                 checkpoint(done)
             if done % spec.log_every == 0 or done == spec.steps:
                 dist.all_reduce(window_loss)
+                loss = float(window_loss) / world / window_steps  # waits for the device: the window's work is done
                 elapsed = time.perf_counter() - window_start
-                metrics.update(step=done, loss=float(window_loss) / world / window_steps, lr=engine.get_lr()[0],
+                metrics.update(step=done, loss=loss, lr=engine.get_lr()[0],
                                grad_norm=_float(engine.get_global_grad_norm()),
                                peak_memory_gib=_peak_memory(device) / 2**30,
                                **throughput.of(window_steps * throughput.tokens_per_step / elapsed))
@@ -209,9 +210,12 @@ def _check_export(hf_dir: str, tokens: torch.Tensor, engine_logits: torch.Tensor
     an export that does not reproduce the trained model must not be committed."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    # On the engine's device: fused kernels patch the model classes for the whole process, and
+    # their kernels run only there.
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(tokens.device)
     with torch.no_grad():
-        diff = (model(input_ids=tokens).logits - engine_logits).abs().max().item()
+        diff = (model(input_ids=tokens).logits - engine_logits.to(tokens.device)).abs().max().item()
+    del model
     # The engine computes in bf16 (8-bit mantissa), the check in fp32: allow bf16's rounding, which
     # grows with the logits' scale.
     tolerance = max(0.25, 0.02 * engine_logits.abs().max().item()) if bf16 else 1e-3

@@ -103,3 +103,26 @@ def test_random_weights_depend_on_the_seed_and_the_name_only():
             assert torch.equal(pa, torch.ones_like(pa)), name  # norm weights
     assert torch.equal(a.model.embed_tokens.weight[0], torch.zeros(32))  # the padding row
     assert a.lm_head.weight is a.model.embed_tokens.weight  # tied
+
+
+@pytest.mark.parametrize("checkpointing", ["full", "selective"])
+def test_compiled_layers_under_activation_checkpointing_compile_and_give_eager_gradients(checkpointing):
+    from torch._dynamo.utils import counters
+
+    from jobs.speed import apply_speed
+    from jobs.train_spec import SpeedSpec
+
+    def gradients(speed: SpeedSpec):
+        model, _ = tiny_model()
+        apply_speed(model, speed, torch.device("cpu"), torch.float32, zero3=False)
+        tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+        model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    eager = gradients(SpeedSpec(compile="off", attention="sdpa", fused_kernels="off"))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = gradients(SpeedSpec(compile="layers", attention="sdpa", fused_kernels="off",
+                                   activation_checkpointing=checkpointing))
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
