@@ -341,10 +341,11 @@ def breakdown(data_dir: Path, corpus_uri: str, args) -> dict:
     The pieces are measured interleaved, `BREAKDOWN_REPS` times, keeping each one's minimum: on
     a machine that others share, that is the estimate least inflated by their load.
     """
-    from jobs.preprocess import PreprocessSpec, _clean_documents, _tokenizer, encode_shard, load_scan, scan_shard
+    from jobs.dedup import document_digest
+    from jobs.preprocess import PreprocessSpec, _clean_documents, _tokenizer, encode_shard, scan_shard
     from jobs.sources import Shard, ShardReader, SourceSpec, list_source_files, plan_shards
     from jobs.storage import open_storage
-    from jobs.text import dedup_key, normalize
+    from jobs.text import normalize
 
     spec = PreprocessSpec(seq_len=1024, dedup=True, validation_fraction=0.01, shard_mb=args.shard_mb)
     files = list_source_files(SourceSpec(paths=[f"{data_dir}/*.jsonl"]))
@@ -357,20 +358,17 @@ def breakdown(data_dir: Path, corpus_uri: str, args) -> dict:
         out = open_storage(f"file://{tmp}")
         raw = [item[1] for item in ShardReader(piece, "text")]
         texts = list(_clean_documents(ShardReader(piece, "text"), spec, Counter(), []))
-        scan_shard(piece, spec, "text", out)
-        keys = load_scan(out, piece.index)[0]
-        keep = np.ones(len(keys), dtype=bool)
 
-        def encode():
+        def encode():  # keeping every document: no dedup reduce ran
             for info in out.list("data/"):  # encode_shard skips a shard that is already committed
                 out.delete(info.key)
-            return encode_shard(piece, spec, "text", keys, keep, tokenizer_uri, out)
+            return encode_shard(piece, spec, "text", 1, [], tokenizer_uri, out)
 
         pieces = {
             "read_parse_s": lambda: [item for item in ShardReader(piece, "text")],
             "normalize_s": lambda: [normalize(t, spec.normalize) for t in raw],
             "read_parse_clean_s": lambda: list(_clean_documents(ShardReader(piece, "text"), spec, Counter(), [])),
-            "dedup_key_s": lambda: [dedup_key(t) for t in texts],
+            "dedup_key_s": lambda: [document_digest(t) for t in texts],
             "scan_s": lambda: scan_shard(piece, spec, "text", out),
             "encode_s": encode,
             "bare_tokenize_s": lambda: [tok.encode_batch_fast(texts[i:i + BATCH], add_special_tokens=False)
@@ -386,12 +384,9 @@ def breakdown(data_dir: Path, corpus_uri: str, args) -> dict:
                   "tokens": encode()["num_tokens"], **best}
         if args.profile:  # the whole first shard, once, as a Ray worker would run it
             result["profiles"] = {}
-            scan_shard(shard, spec, "text", out)
-            keys = load_scan(out, shard.index)[0]
-            keep = np.ones(len(keys), dtype=bool)
             for name, fn, fargs in (("scan_shard", scan_shard, (shard, spec, "text", out)),
                                     ("encode_shard", encode_shard,
-                                     (shard, spec, "text", keys, keep, tokenizer_uri, out))):
+                                     (shard, spec, "text", 1, [], tokenizer_uri, out))):
                 for info in out.list(""):
                     out.delete(info.key)
                 profiler = cProfile.Profile()

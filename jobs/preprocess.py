@@ -1,16 +1,17 @@
-"""Preprocessing job core: two passes over each shard, each a plain function of (shard, spec).
+"""Preprocessing job core: each pass a plain function of (shard or partition, spec).
 
-1. `scan_shard` reads, normalizes and filters the shard and saves the 64-bit dedup key of every
-   surviving document, with drop counts and bad records (one atomic object per shard).
-2. The driver turns all keys into one global keep-mask (first occurrence in corpus order wins),
-   which is how exact dedup spans the whole corpus and not just a shard.
-3. `encode_shard` reads the shard again, tokenizes the kept documents, appends end-of-text, packs
-   train and validation streams into fixed-length sequences, and commits its token files.
+1. `scan_shard` reads, normalizes and filters the shard and writes the 128-bit dedup key of every
+   surviving document (slotted by key range, jobs/shuffle.py), then its counts and bad records.
+2. Exact dedup's reduce tasks (jobs/dedup.py) each decide the first occurrences in one key range
+   of the whole corpus, which is how dedup spans the corpus and not just a shard.
+3. `encode_shard` reads the shard again, skips the positions the reduce tasks dropped, tokenizes
+   the rest, appends end-of-text, packs train and validation streams into fixed-length
+   sequences, and commits its token files.
 
 Re-reading beats carrying text between the passes: reading and cleaning cost a fraction of
 tokenizing, and nothing large crosses the object store. Every output name is derived from the
-shard index and every step is deterministic, so a retried or re-run shard rewrites the same bytes
-under the same names, and a committed shard is never redone.
+shard or partition index and every step is deterministic, so a retried or re-run task rewrites
+the same bytes under the same names, and a committed shard is never redone.
 
 Token files are raw little-endian uint16 (uint32 for vocabularies over 65,536): num_sequences ×
 seq_len tokens, which training memory-maps with `numpy.memmap`.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -31,11 +31,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from jobs.commit import read_commit, upload_and_commit, verify_commit
+from jobs.dedup import document_digest, digest_hash, key_records
 from jobs.faults import crash_point, journal_task
-from jobs.fields import output
+from jobs.fields import operational, output
+from jobs.shuffle import read_shard_positions, write_slotted
 from jobs.sources import BadRecord, Shard, ShardReader
 from jobs.storage import Storage, open_storage
-from jobs.text import FilterSpec, NormalizeSpec, dedup_key, is_validation, normalize, rejection_reason
+from jobs.text import FilterSpec, NormalizeSpec, is_validation, normalize, rejection_reason
 from jobs.tokenizer import load_tokenizer
 
 MAX_BAD_RECORDS_KEPT = 1000  # per shard; all are counted, the first ones are quarantined verbatim
@@ -59,10 +61,18 @@ class PreprocessSpec(BaseModel):
     """Share of documents (chosen by content hash, so stable) held out for validation."""
     shard_mb: float = output(64.0, gt=0.0)
     """Target shard size in MB of source data; one Ray task per shard and pass."""
+    dedup_keys_per_task: int = operational(4_000_000, ge=1)
+    """Exact dedup's reduce tasks hold about this many keys each (20 bytes a key): the corpus's
+    key count decides how many tasks there are (a power of two), not one machine's memory."""
 
 
-def scan_key(index: int) -> str:
-    return f"scan/shard-{index:05d}.npz"
+def scan_keys_key(index: int) -> str:
+    return f"scan/shard-{index:05d}.keys"
+
+
+def scan_meta_key(index: int) -> str:
+    """Written after the shard's key file: its presence means the scan is done."""
+    return f"scan/shard-{index:05d}.json"
 
 
 def shard_commit_key(index: int) -> str:
@@ -89,36 +99,29 @@ def _clean_documents(reader: ShardReader, spec: PreprocessSpec, drops: Counter, 
             yield text
 
 
-def scan_shard(shard: Shard, spec: PreprocessSpec, text_field: str, out: Storage) -> None:
+def scan_shard(shard: Shard, spec: PreprocessSpec, text_field: str, out: Storage) -> dict:
+    """The scan pass; returns the shard's counts: `num_lines`, `num_kept` and `drops` by reason."""
     journal_task("scan", shard.index)
     reader = ShardReader(shard, text_field)
     drops: Counter = Counter()
     bad: list[BadRecord] = []
-    keys = np.fromiter((dedup_key(t) for t in _clean_documents(reader, spec, drops, bad)), dtype=np.uint64)
-    meta = {
-        "num_lines": reader.num_lines,
-        "drops": dict(drops),
-        "bad": [vars(b) for b in bad],
-    }
-    buffer = io.BytesIO()
-    np.savez(buffer, keys=keys, meta=np.array(json.dumps(meta)))
-    out.write_bytes(scan_key(shard.index), buffer.getvalue())  # one atomic object: its own commit
+    digests = [document_digest(text) for text in _clean_documents(reader, spec, drops, bad)]
+    write_slotted(out, scan_keys_key(shard.index), key_records(digests))
+    meta = {"num_lines": reader.num_lines, "num_kept": len(digests), "drops": dict(drops), "bad": [vars(b) for b in bad]}
+    out.write_bytes(scan_meta_key(shard.index), json.dumps(meta).encode())
+    return meta
 
 
-def load_scan(out: Storage, index: int) -> tuple[np.ndarray, dict] | None:
-    try:
-        data = out.read_bytes(scan_key(index))
-    except FileNotFoundError:
-        return None
-    with np.load(io.BytesIO(data)) as npz:
-        return npz["keys"], json.loads(str(npz["meta"]))
+def load_scan_meta(out: Storage, index: int) -> dict:
+    return json.loads(out.read_bytes(scan_meta_key(index)))
 
 
-def encode_shard(shard: Shard, spec: PreprocessSpec, text_field: str, keys: np.ndarray, keep: np.ndarray,
+def encode_shard(shard: Shard, spec: PreprocessSpec, text_field: str, num_shards: int, drop_keys: list[str],
                  tokenizer_uri: str, out: Storage) -> dict:
     """Tokenize and pack the shard's kept documents; returns the shard commit's counts.
 
-    `keys` are the scan's dedup keys of the shard's documents, `keep` the global dedup decision.
+    `drop_keys` are the dedup reduce outputs that list the positions (among the shard's surviving
+    documents, as the scan numbered them) to drop.
     """
     commit_key = shard_commit_key(shard.index)
     already_committed = not verify_commit(out, commit_key)
@@ -127,8 +130,9 @@ def encode_shard(shard: Shard, spec: PreprocessSpec, text_field: str, keys: np.n
     journal_task("encode", shard.index)
     tokenizer, info = _tokenizer(tokenizer_uri)
     eos_id, dtype = info["eos_id"], token_dtype(info["vocab_size"])
+    dropped = set(read_shard_positions(out, drop_keys, shard.index, num_shards).tolist())
     documents = _clean_documents(ShardReader(shard, text_field), spec, Counter(), [])
-    kept = ((text, int(key)) for text, key, keep_it in zip(documents, keys, keep) if keep_it)
+    kept = ((text, digest_hash(document_digest(text))) for pos, text in enumerate(documents) if pos not in dropped)
     streams: dict[str, list[int]] = {"train": [], "val": []}
     num_documents = 0
     for batch in iter(lambda: list(itertools.islice(kept, _ENCODE_BATCH)), []):

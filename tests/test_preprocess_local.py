@@ -27,7 +27,9 @@ SEQ_LEN = 64
 
 
 def pipeline(source: str, storage: str, **preprocess) -> str:
-    options = {"seq_len": SEQ_LEN, "shard_mb": 0.1, "validation_fraction": 0.1, **preprocess}
+    # dedup_keys_per_task: several dedup key ranges (each a reduce task) even for this small corpus
+    options = {"seq_len": SEQ_LEN, "shard_mb": 0.1, "validation_fraction": 0.1, "dedup_keys_per_task": 200,
+               **preprocess}
     return json.dumps({
         "name": "test",
         "storage": storage,
@@ -81,8 +83,10 @@ def test_s3_corpus_into_s3(start_ray, s3_bucket, local_corpus, tmp_path):
     assert manifest["num_documents"] == len(unique)
     assert manifest["num_tokens"] == expected_tokens
 
-    # Global dedup: every duplicate sits in another file than its original.
+    # Global dedup: every duplicate sits in another file than its original, and the key ranges
+    # were decided by several reduce tasks.
     assert manifest["drops"]["duplicate"] == corpus.num_duplicates > 0
+    assert len(out.list("dedup/")) > 1
 
     # Packed files: whole sequences only; together with the dropped tails they hold every token.
     stored = 0
@@ -114,6 +118,7 @@ def test_finished_stage_reruns_zero_tasks(start_ray, local_corpus, tmp_path):
     first, _ = run(spec)
     executed = journal.read_text().split("\n")
     assert sum(line.startswith("encode") for line in executed) == first.stages["corpus"].metrics["num_shards"]
+    assert sum(line.startswith("dedup") for line in executed) > 1
     journal.write_text("")
     second, _ = run(spec)
     assert journal.read_text() == ""
@@ -121,19 +126,23 @@ def test_finished_stage_reruns_zero_tasks(start_ray, local_corpus, tmp_path):
     assert second.stages["corpus"].metrics == first.stages["corpus"].metrics
 
 
-def test_worker_killed_mid_shard_gives_identical_output(start_ray, local_corpus, tmp_path):
+@pytest.mark.parametrize("task, item", [("encode", 2), ("dedup", 1)])
+def test_worker_killed_mid_task_gives_identical_output(start_ray, local_corpus, tmp_path, task, item):
     start_ray()
     baseline, storage = run(pipeline(local_corpus.glob, f"file://{tmp_path}/clean"))
 
     crashes = tmp_path / "crashes"
     journal = tmp_path / "journal"
-    start_ray(ORCHESTRATOR_CRASH_AT="encode:2", ORCHESTRATOR_CRASH_ONCE_DIR=str(crashes),
+    start_ray(ORCHESTRATOR_CRASH_AT=f"{task}:{item}", ORCHESTRATOR_CRASH_ONCE_DIR=str(crashes),
               ORCHESTRATOR_TASK_JOURNAL=str(journal))
     crashed, _ = run(pipeline(local_corpus.glob, f"file://{tmp_path}/crashed"))
-    assert (crashes / "crashed-encode-2").exists()  # the worker really died mid-shard
-    assert journal.read_text().split("\n").count("encode 2") == 2  # and Ray retried that shard
+    assert (crashes / f"crashed-{task}-{item}").exists()  # the worker really died mid-task
+    assert journal.read_text().split("\n").count(f"{task} {item}") == 2  # and Ray retried that task
     assert crashed.status == "succeeded"
     assert stage_files(storage, crashed) == stage_files(storage, baseline)
+    dedup = [open_storage(r.stages["corpus"].output_uri).sub("dedup") for r in (baseline, crashed)]
+    assert [(o.key, d.read_bytes(o.key)) for d in dedup[:1] for o in d.list()] == \
+        [(o.key, d.read_bytes(o.key)) for d in dedup[1:] for o in d.list()]  # the dedup decisions too
 
 
 def test_failed_run_resumes_only_unfinished_shards(start_ray, monkeypatch, local_corpus, tmp_path):

@@ -46,5 +46,5 @@ def _summary(r: PreprocessResults) -> str:
             f"{sum(r.drops.values()):,} dropped")
 
 
-KIND = StageKind("preprocess", PreprocessStage, version=1, run="orchestrator.stages.preprocess:run",
+KIND = StageKind("preprocess", PreprocessStage, version=2, run="orchestrator.stages.preprocess:run",
                  references={"tokenizer": ("tokenizer",)}, results=PreprocessResults, summarize=_summary)

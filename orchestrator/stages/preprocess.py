@@ -1,10 +1,12 @@
-"""The preprocess stage: the driver shards the corpus and runs the two passes of
-`jobs.preprocess` as Ray tasks, deciding global dedup between them.
+"""The preprocess stage: the driver shards the corpus and runs the passes of `jobs.preprocess` as
+Ray tasks: scan every shard, deduplicate by key range (jobs/dedup.py), encode every shard.
 
-Exactly once: a shard's scan is one atomic object and its encoded output has its own commit, so
-a rerun (same run id, or after a crash) launches tasks only for shards without them; a task that
-Ray retries after a worker died rewrites the same names with the same bytes. The stage's files
-are exactly those the shard commits list, plus the manifest and the quarantine file.
+Exactly once: a shard's scan and a key range's dedup decision are atomic objects, and a shard's
+encoded output has its own commit, so a rerun (same run id, or after a crash) launches tasks only
+for what lacks them; a task that Ray retries after a worker died rewrites the same names with the
+same bytes. The driver holds counts only, never keys or texts: its memory does not grow with the
+corpus. The stage's files are exactly those the shard commits list, plus the manifest and the
+quarantine file.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import os
 import tempfile
 from collections import Counter
 
-import numpy as np
 import ray
 
 from jobs.commit import bytes_entry, commit_entries, file_entry, read_commit, verify_commit
-from jobs.preprocess import encode_shard, load_scan, scan_key, scan_shard, shard_commit_key, token_dtype
+from jobs.dedup import exact_drops_key, find_exact_duplicates
+from jobs.preprocess import (encode_shard, load_scan_meta, scan_keys_key, scan_meta_key, scan_shard, shard_commit_key,
+                             token_dtype)
+from jobs.shuffle import num_listed, num_partitions
 from jobs.sources import BadRecord, Shard, ShardReader, list_source_files, plan_shards
 from jobs.storage import open_storage
 from jobs.tokenizer import adopt_tokenizer
@@ -38,22 +42,29 @@ def run(ctx: StageContext) -> StageOutput:
     tokenizer_files = _stage_tokenizer(ctx)
 
     scanned = {o.key for o in out.list("scan/")}
-    todo = [s for s in shards if scan_key(s.index) not in scanned]
+    todo = [s for s in shards if scan_meta_key(s.index) not in scanned]
     _run_tasks(ctx, scan_shard, [(s, spec, spec.source.text_field, out) for s in todo], len(shards), "scan")
-    scans = [load_scan(out, s.index) for s in shards]
-    keep, drops = _global_keep_masks(ctx.name, spec, [keys for keys, _ in scans], [meta for _, meta in scans])
+    num_kept, drops = _scan_counts(ctx.name, spec, out, shards)
+    drop_keys = _exact_dedup(ctx, shards, sum(num_kept))
+    if drop_keys:
+        drops["duplicate"] = sum(num_listed(out, key, len(shards)) for key in drop_keys)
+    if sum(num_kept) == drops["duplicate"]:
+        raise UserError(
+            f"stages.{ctx.name}: no document is left after filtering ({sum(num_kept) + sum(drops.values())} records "
+            f"read; dropped: {dict(drops)}); loosen stages.{ctx.name}.filters or check the source"
+        )
 
     tokenizer_uri = out.sub("tokenizer").uri
     committed = {o.key for o in out.list("data/")}
     todo = [s for s in shards if shard_commit_key(s.index) not in committed or verify_commit(out, shard_commit_key(s.index))]
-    args = [(s, spec, spec.source.text_field, scans[s.index][0], keep[s.index], tokenizer_uri, out) for s in todo]
+    args = [(s, spec, spec.source.text_field, len(shards), drop_keys, tokenizer_uri, out) for s in todo]
     _run_tasks(ctx, encode_shard, args, len(shards), "tokenize + pack")
 
     raw_commits = [out.read_bytes(shard_commit_key(s.index)) for s in shards]  # verified by the encode pass
     commits = [json.loads(raw) for raw in raw_commits]
     info = json.loads(out.read_bytes("tokenizer/info.json"))
     manifest = _manifest(spec, shards, commits, drops, info)
-    quarantine = _quarantine_lines(shards, [meta for _, meta in scans])
+    quarantine = _quarantine_lines(shards, out)
     out.write_bytes("quarantine.jsonl", quarantine)
     manifest_bytes = json.dumps(manifest, indent=2).encode()
     out.write_bytes("manifest.json", manifest_bytes)
@@ -69,9 +80,9 @@ def run(ctx: StageContext) -> StageOutput:
     return StageOutput(output_files, metrics)
 
 
-def _run_tasks(ctx: StageContext, fn, args: list[tuple], num_shards: int, label: str) -> None:
+def _run_tasks(ctx: StageContext, fn, args: list[tuple], total: int, label: str, unit: str = "shards") -> None:
     remote = ray.remote(**TASK_OPTIONS)(fn)
-    ctx.console.line(f"  {label}: {len(args)} of {num_shards} shards to do")
+    ctx.console.line(f"  {label}: {len(args)} of {total} {unit} to do")
     with ctx.console.progress(len(args), label) as advance:
         run_all([remote.remote(*a) for a in args], advance)
 
@@ -110,28 +121,31 @@ def _stage_tokenizer(ctx: StageContext) -> dict:
         return {f"tokenizer/{n}": file_entry(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
 
 
-def _global_keep_masks(name: str, spec, keys: list[np.ndarray], metas: list[dict]) -> tuple[list[np.ndarray], Counter]:
-    """Exact dedup over the whole corpus: the first occurrence in (shard, position) order wins."""
+def _scan_counts(name: str, spec, out, shards: list[Shard]) -> tuple[list[int], Counter]:
+    """Each shard's surviving documents and the drops by reason, from the scans' metadata."""
     drops: Counter = Counter()
-    for meta in metas:
+    num_kept = []
+    for shard in shards:
+        meta = load_scan_meta(out, shard.index)
         drops.update(meta["drops"])
-    all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
-    num_records = len(all_keys) + sum(drops.values())
+        num_kept.append(meta["num_kept"])
+    num_records = sum(num_kept) + sum(drops.values())
     if num_records and drops.get("missing_field", 0) == num_records:
         raise UserError(f"stages.{name}.source.text_field: {spec.source.text_field!r} is missing in every record")
-    keep_all = np.ones(len(all_keys), dtype=bool)
-    if spec.dedup and len(all_keys):
-        _, first = np.unique(all_keys, return_index=True)
-        keep_all[:] = False
-        keep_all[first] = True
-        drops["duplicate"] = int(len(all_keys) - len(first))
-    if not keep_all.any():
-        raise UserError(
-            f"stages.{name}: no document is left after filtering ({num_records} records read; dropped: "
-            f"{dict(drops)}); loosen stages.{name}.filters or check the source"
-        )
-    bounds = np.cumsum([0] + [len(k) for k in keys])
-    return [keep_all[a:b] for a, b in zip(bounds[:-1], bounds[1:])], drops
+    return num_kept, drops
+
+
+def _exact_dedup(ctx: StageContext, shards: list[Shard], num_keys: int) -> list[str]:
+    """Run the reduce tasks that are not done yet; the keys of all their outputs (none without dedup)."""
+    if not ctx.spec.dedup:
+        return []
+    parts = num_partitions(num_keys, ctx.spec.dedup_keys_per_task)
+    drop_keys = [exact_drops_key(p, parts) for p in range(parts)]
+    done = {o.key for o in ctx.out.list("dedup/")}
+    scan_keys = [scan_keys_key(s.index) for s in shards]
+    args = [(ctx.out, scan_keys, p, parts) for p in range(parts) if drop_keys[p] not in done]
+    _run_tasks(ctx, find_exact_duplicates, args, parts, "dedup", "key ranges")
+    return drop_keys
 
 
 def _manifest(spec, shards: list[Shard], commits: list[dict], drops: Counter, info: dict) -> dict:
@@ -160,10 +174,11 @@ def _manifest(spec, shards: list[Shard], commits: list[dict], drops: Counter, in
     }
 
 
-def _quarantine_lines(shards: list[Shard], metas: list[dict]) -> bytes:
+def _quarantine_lines(shards: list[Shard], out) -> bytes:
     """Bad records with their line number in the file (shards report lines relative to themselves)."""
     lines, line_base = [], Counter()
-    for shard, meta in zip(shards, metas):
+    for shard in shards:
+        meta = load_scan_meta(out, shard.index)
         for bad in meta["bad"]:
             record = BadRecord(**bad)
             lines.append(json.dumps({"source": shard.uri, "line": line_base[shard.uri] + record.line,
