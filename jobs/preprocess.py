@@ -34,6 +34,7 @@ from jobs.commit import read_commit, upload_and_commit, verify_commit
 from jobs.dedup import document_digest, digest_hash, key_records
 from jobs.faults import crash_point, journal_task
 from jobs.fields import operational, output
+from jobs.near_dedup import NearDedupSpec, band_records, minhash, permutations
 from jobs.shuffle import read_shard_positions, write_slotted
 from jobs.sources import BadRecord, Shard, ShardReader
 from jobs.storage import Storage, open_storage
@@ -57,6 +58,9 @@ class PreprocessSpec(BaseModel):
     """Quality filters; drops are counted per rule in the manifest."""
     dedup: bool = output(True)
     """Drop exact duplicates (after normalization) across the whole corpus, keeping the first."""
+    near_dedup: NearDedupSpec | None = output(None)
+    """Drop near-duplicates too (MinHash LSH over the whole corpus), keeping the first of each
+    cluster; null (the default) for off, {} for datatrove's settings."""
     validation_fraction: float = output(0.01, ge=0.0, lt=1.0)
     """Share of documents (chosen by content hash, so stable) held out for validation."""
     shard_mb: float = output(64.0, gt=0.0)
@@ -68,6 +72,14 @@ class PreprocessSpec(BaseModel):
 
 def scan_keys_key(index: int) -> str:
     return f"scan/shard-{index:05d}.keys"
+
+
+def scan_bands_key(index: int) -> str:
+    return f"scan/shard-{index:05d}.bands"
+
+
+def scan_signatures_key(index: int) -> str:
+    return f"scan/shard-{index:05d}.minhash"
 
 
 def scan_meta_key(index: int) -> str:
@@ -105,8 +117,21 @@ def scan_shard(shard: Shard, spec: PreprocessSpec, text_field: str, out: Storage
     reader = ShardReader(shard, text_field)
     drops: Counter = Counter()
     bad: list[BadRecord] = []
-    digests = [document_digest(text) for text in _clean_documents(reader, spec, drops, bad)]
+    near = spec.near_dedup
+    perms = permutations(near) if near else None
+    digests, signatures, has_shingles = [], [], []
+    for text in _clean_documents(reader, spec, drops, bad):
+        digests.append(document_digest(text))
+        if near:
+            signature, has = minhash(text, near, perms)
+            signatures.append(signature)
+            has_shingles.append(has)
     write_slotted(out, scan_keys_key(shard.index), key_records(digests))
+    if near:
+        signatures = np.stack(signatures) if signatures else np.zeros((0, near.bands * near.rows), np.uint32)
+        write_slotted(out, scan_bands_key(shard.index), band_records(signatures, np.array(has_shingles, bool), near))
+        if near.threshold is not None:
+            out.write_bytes(scan_signatures_key(shard.index), signatures.tobytes())
     meta = {"num_lines": reader.num_lines, "num_kept": len(digests), "drops": dict(drops), "bad": [vars(b) for b in bad]}
     out.write_bytes(scan_meta_key(shard.index), json.dumps(meta).encode())
     return meta

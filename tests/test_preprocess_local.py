@@ -180,3 +180,24 @@ def test_s3_faults_are_retried_and_nothing_is_lost(start_ray, s3_bucket, s3_faul
     assert s3_fault_proxy.num_slowdowns > 0 and s3_fault_proxy.num_resets > 0
     assert stage_files(storage, faulty) == stage_files(storage, baseline)
     assert stage_files(storage, faulty, "tok") == stage_files(storage, baseline, "tok")
+
+
+def test_near_duplicates_are_dropped_across_files(start_ray, tmp_path):
+    rng = np.random.default_rng(5)
+    vocabulary = [f"w{i}" for i in range(3000)]
+    originals = [" ".join(rng.choice(vocabulary, 120)) for _ in range(200)]
+
+    def one_word_edit(text: str) -> str:
+        words = text.split()
+        words[int(rng.integers(len(words)))] = "edited"
+        return " ".join(words)
+
+    second = [one_word_edit(t) for t in originals[:30]] + originals[30:40] + [
+        " ".join(rng.choice(vocabulary, 120)) for _ in range(50)]
+    for name, docs in (("a", originals), ("b", second)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    start_ray()
+    record, _ = run(pipeline(str(tmp_path / "*.jsonl"), f"file://{tmp_path}/out", near_dedup={}, shard_mb=0.05))
+    metrics = record.stages["corpus"].metrics
+    assert metrics["drops"]["duplicate"] == 10 and metrics["drops"]["near_duplicate"] == 30
+    assert metrics["num_documents"] == 200 + 50

@@ -20,8 +20,9 @@ import ray
 
 from jobs.commit import bytes_entry, commit_entries, file_entry, read_commit, verify_commit
 from jobs.dedup import exact_drops_key, find_exact_duplicates
-from jobs.preprocess import (encode_shard, load_scan_meta, scan_keys_key, scan_meta_key, scan_shard, shard_commit_key,
-                             token_dtype)
+from jobs.near_dedup import NEAR_DROPS_KEY, find_candidate_pairs, near_duplicate_drops, near_edges_key
+from jobs.preprocess import (encode_shard, load_scan_meta, scan_bands_key, scan_keys_key, scan_meta_key, scan_shard,
+                             scan_signatures_key, shard_commit_key, token_dtype)
 from jobs.shuffle import num_listed, num_partitions
 from jobs.sources import BadRecord, Shard, ShardReader, list_source_files, plan_shards
 from jobs.storage import open_storage
@@ -45,10 +46,14 @@ def run(ctx: StageContext) -> StageOutput:
     todo = [s for s in shards if scan_meta_key(s.index) not in scanned]
     _run_tasks(ctx, scan_shard, [(s, spec, spec.source.text_field, out) for s in todo], len(shards), "scan")
     num_kept, drops = _scan_counts(ctx.name, spec, out, shards)
-    drop_keys = _exact_dedup(ctx, shards, sum(num_kept))
-    if drop_keys:
-        drops["duplicate"] = sum(num_listed(out, key, len(shards)) for key in drop_keys)
-    if sum(num_kept) == drops["duplicate"]:
+    exact_keys = _exact_dedup(ctx, shards, sum(num_kept))
+    if exact_keys:
+        drops["duplicate"] = sum(num_listed(out, key, len(shards)) for key in exact_keys)
+    near_keys = _near_dedup(ctx, shards, sum(num_kept), exact_keys)
+    if near_keys:
+        drops["near_duplicate"] = num_listed(out, NEAR_DROPS_KEY, len(shards))
+    drop_keys = exact_keys + near_keys
+    if sum(num_kept) == drops["duplicate"] + drops["near_duplicate"]:
         raise UserError(
             f"stages.{ctx.name}: no document is left after filtering ({sum(num_kept) + sum(drops.values())} records "
             f"read; dropped: {dict(drops)}); loosen stages.{ctx.name}.filters or check the source"
@@ -146,6 +151,24 @@ def _exact_dedup(ctx: StageContext, shards: list[Shard], num_keys: int) -> list[
     args = [(ctx.out, scan_keys, p, parts) for p in range(parts) if drop_keys[p] not in done]
     _run_tasks(ctx, find_exact_duplicates, args, parts, "dedup", "key ranges")
     return drop_keys
+
+
+def _near_dedup(ctx: StageContext, shards: list[Shard], num_docs: int, exact_keys: list[str]) -> list[str]:
+    """Run the near-duplicate reduce and components tasks that are not done yet; the key of the
+    drops they decided (none without near_dedup)."""
+    near = ctx.spec.near_dedup
+    if near is None:
+        return []
+    parts = num_partitions(num_docs * near.bands, ctx.spec.dedup_keys_per_task)
+    edge_keys = [near_edges_key(p, parts) for p in range(parts)]
+    done = {o.key for o in ctx.out.list("dedup/")}
+    band_keys = [scan_bands_key(s.index) for s in shards]
+    signature_keys = [scan_signatures_key(s.index) for s in shards] if near.threshold is not None else None
+    args = [(ctx.out, band_keys, signature_keys, near, p, parts) for p in range(parts) if edge_keys[p] not in done]
+    _run_tasks(ctx, find_candidate_pairs, args, parts, "near-dedup", "hash ranges")
+    args = [(ctx.out, edge_keys, exact_keys, len(shards))] if NEAR_DROPS_KEY not in done else []
+    _run_tasks(ctx, near_duplicate_drops, args, 1, "near-dedup clusters", "tasks")
+    return [NEAR_DROPS_KEY]
 
 
 def _manifest(spec, shards: list[Shard], commits: list[dict], drops: Counter, info: dict) -> dict:
