@@ -180,35 +180,48 @@ class BatchOrder:
         self.micro_batch, self.grad_accum, self.world_size = micro_batch, grad_accum, world_size
         self.global_batch = micro_batch * grad_accum * world_size
         self.seed = seed
-        self._bits = (num_sequences - 1).bit_length()  # the Feistel domain: [0, 2^bits)
         if num_sequences < self.global_batch:
             raise ValueError(f"{num_sequences} training sequences cannot fill one global batch of {self.global_batch}")
 
+    def positions(self, step: int, micro: int, rank: int) -> np.ndarray:
+        """The stream positions (uint64) of rank `rank`'s micro batch `micro` of global step `step`:
+        step s consumes positions [s * global_batch, (s + 1) * global_batch)."""
+        start = step * self.global_batch + (micro * self.world_size + rank) * self.micro_batch
+        return np.arange(start, start + self.micro_batch, dtype=np.uint64)
+
     def indices(self, step: int, micro: int, rank: int) -> np.ndarray:
         """The sequence indices (int64) of rank `rank`'s micro batch `micro` of global step `step`."""
-        start = step * self.global_batch + (micro * self.world_size + rank) * self.micro_batch
-        epochs, offsets = np.divmod(np.arange(start, start + self.micro_batch, dtype=np.uint64),
-                                    np.uint64(self.num_sequences))
-        out = np.empty(self.micro_batch, dtype=np.int64)
-        for epoch in np.unique(epochs).tolist():  # one, or two where the micro batch ends an epoch
-            here = epochs == epoch
-            out[here] = self._shuffle(offsets[here], _round_keys(self.seed, epoch))
-        return out
-
-    def _shuffle(self, offsets: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        """The bijection of [0, num_sequences): the Feistel network, cycle-walked back inside."""
-        out = _feistel(offsets, keys, self._bits)
-        outside = np.flatnonzero(out >= self.num_sequences)
-        while outside.size:
-            out[outside] = _feistel(out[outside], keys, self._bits)
-            outside = outside[out[outside] >= self.num_sequences]
-        return out
+        return epoch_order(self.positions(step, micro, rank), self.num_sequences, self.seed)
 
 
-def _round_keys(seed: int, epoch: int) -> np.ndarray:
-    """One uint64 key per Feistel round, a function of (seed, epoch) only. The seed is taken
-    modulo 2^64: SeedSequence refuses negative numbers, and a spec's seed may be one."""
-    return np.random.SeedSequence([seed % _UINT64, epoch]).generate_state(NUM_FEISTEL_ROUNDS, np.uint64)
+def epoch_order(positions: np.ndarray, num_sequences: int, seed: int, stream: int | None = None) -> np.ndarray:
+    """The sequence index (int64) at each stream position (uint64): position p is visited in epoch
+    p // num_sequences, at offset p % num_sequences of that epoch's bijection keyed by (seed,
+    epoch) and, where given, `stream` (a mixture's other sources: each shuffles differently)."""
+    bits = (num_sequences - 1).bit_length()  # the Feistel domain: [0, 2^bits)
+    epochs, offsets = np.divmod(positions, np.uint64(num_sequences))
+    out = np.empty(len(positions), dtype=np.int64)
+    for epoch in np.unique(epochs).tolist():  # one, or two where a micro batch ends an epoch
+        here = epochs == epoch
+        out[here] = _shuffle(offsets[here], _round_keys(seed, epoch, stream), bits, num_sequences)
+    return out
+
+
+def _shuffle(offsets: np.ndarray, keys: np.ndarray, bits: int, num_sequences: int) -> np.ndarray:
+    """The bijection of [0, num_sequences): the Feistel network, cycle-walked back inside."""
+    out = _feistel(offsets, keys, bits)
+    outside = np.flatnonzero(out >= num_sequences)
+    while outside.size:
+        out[outside] = _feistel(out[outside], keys, bits)
+        outside = outside[out[outside] >= num_sequences]
+    return out
+
+
+def _round_keys(seed: int, epoch: int, stream: int | None = None) -> np.ndarray:
+    """One uint64 key per Feistel round, a function of (seed, epoch[, stream]) only. The seed is
+    taken modulo 2^64: SeedSequence refuses negative numbers, and a spec's seed may be one."""
+    entropy = [seed % _UINT64, epoch] + ([stream] if stream is not None else [])
+    return np.random.SeedSequence(entropy).generate_state(NUM_FEISTEL_ROUNDS, np.uint64)
 
 
 def _feistel(x: np.ndarray, keys: np.ndarray, bits: int) -> np.ndarray:
