@@ -28,6 +28,7 @@ from jobs.deepspeed_config import build_deepspeed_config, load_user_config
 from jobs.export import TOKENIZER_FILES, gather_state_dict, save_hf
 from jobs.faults import crash_point
 from jobs.model import flops_per_token, llama_config
+from jobs.mixture import MixtureData, MixtureOrder, MixtureSource
 from jobs.model_init import build_model, local_parameter_bytes, model_parameter_bytes
 from jobs.sft import SFTExamples
 from jobs.speed import apply_speed
@@ -44,6 +45,7 @@ class TrainJob:
     out_uri: str  # the training stage's output: ckpt/, hf/, tb/
     config_hash: str  # the stage hash: a checkpoint is only resumed by the same configuration
     data_uri: str | None = None  # a preprocess stage's output: packed sequences, every token a label
+    mixture: list[MixtureSource] | None = None  # or several, mixed by weight (jobs.mixture)
     sft_uri: str | None = None  # or prompt/response rows from jobs.sft, labels on the responses only
     init_uri: str | None = None  # a Hugging Face directory to start from; None: random weights
     cache_dir: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "orchestrator-cache"))
@@ -69,14 +71,15 @@ def train(job: TrainJob) -> TrainResult:
     device = _device()
     bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
 
-    data = SFTExamples(job.sft_uri, job.cache_dir) if job.sft_uri else PackedTokens(job.data_uri, "train", job.cache_dir)
+    data, order = _training_data(job, world)
     local_dir = tempfile.mkdtemp(prefix=f"orchestrator-train-{rank}-")
     if job.init_uri:
         init_dir = tokenizer_dir = os.path.join(local_dir, "init")
         open_storage(job.init_uri).download_prefix("", init_dir)
         config = _init_config(init_dir, data)
     else:
-        init_dir, tokenizer_dir = None, _fetch_tokenizer(job.data_uri, local_dir)
+        # A mixture's sources share one tokenizer (checked at validate): the first one's is theirs.
+        init_dir, tokenizer_dir = None, _fetch_tokenizer(job.data_uri or job.mixture[0].uri, local_dir)
         config = llama_config(spec.model, data.vocab_size, data.eos_id, _pad_id(tokenizer_dir))
     engine, speed_context, facts = _engine(spec, config, world, bf16, device, init_dir)
     if rank == 0:
@@ -87,7 +90,6 @@ def train(job: TrainJob) -> TrainResult:
     if job.on_start:
         job.on_start(resumed_from)
     tensorboard = _tensorboard(local_dir) if rank == 0 else None
-    order = BatchOrder(len(data), spec.micro_batch, spec.grad_accum, world, spec.seed)
     writer = CheckpointWriter(ckpt, rank, world, local_dir, spec.keep_last, spec.keep_every)
     extras = _checkpoint_extras(config, tokenizer_dir, local_dir) if rank == 0 else {}
     metrics: dict = {"resumed_from": resumed_from}
@@ -122,6 +124,18 @@ def train(job: TrainJob) -> TrainResult:
         metrics["last_checkpoint"] = ckpt.url(step_key(spec.steps))
     dist.barrier()
     return TrainResult(metrics, files)
+
+
+def _training_data(job: TrainJob, world: int):
+    """(the data, the order it is read in): prompt/response rows, a preprocess stage's sequences,
+    or a mixture of several stages' sequences."""
+    spec = job.spec
+    if job.mixture:
+        data = MixtureData(job.mixture, job.cache_dir)
+        return data, MixtureOrder(data.sizes, [s.weight for s in job.mixture], spec.micro_batch, spec.grad_accum,
+                                  world, spec.seed)
+    data = SFTExamples(job.sft_uri, job.cache_dir) if job.sft_uri else PackedTokens(job.data_uri, "train", job.cache_dir)
+    return data, BatchOrder(len(data), spec.micro_batch, spec.grad_accum, world, spec.seed)
 
 
 @dataclass(frozen=True)
@@ -171,11 +185,17 @@ def _train_steps(engine, spec: TrainSpec, data, order: BatchOrder, start_step: i
                                peak_memory_gib=_peak_memory(device) / 2**30,
                                **throughput.of(window_steps * throughput.tokens_per_step / elapsed))
                 history.append([done, metrics["loss"]])
+                if isinstance(order, MixtureOrder):  # a function of the step: exact after a resume too
+                    metrics["tokens_per_source"] = {
+                        name: count * data.seq_len
+                        for name, count in zip(data.names, order.sequences_per_source(done * order.global_batch))}
                 if rank == 0:
                     report(dict(metrics))
                     for name in _TENSORBOARD_SCALARS:
                         if metrics[name] is not None:
                             tensorboard.add_scalar(f"train/{name}", metrics[name], done)
+                    for source, tokens in metrics.get("tokens_per_source", {}).items():
+                        tensorboard.add_scalar(f"data/tokens_{source}", tokens, done)
                 window_start, window_steps, window_loss = new_window()
     return history
 
@@ -376,6 +396,7 @@ def main(argv: list[str]) -> int:
         raw = json.load(f)
     job = TrainJob(spec=TrainSpec.model_validate(raw["spec"]), out_uri=raw["out_uri"],
                    config_hash=raw.get("config_hash", "torchrun"), data_uri=raw.get("data_uri"),
+                   mixture=[MixtureSource(**m) for m in raw["mixture"]] if raw.get("mixture") else None,
                    sft_uri=raw.get("sft_uri"), init_uri=raw.get("init_uri"))
     result = train(job)
     if dist.get_rank() == 0:

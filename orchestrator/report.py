@@ -1,7 +1,8 @@
 """A run's report (`runs/<run_id>/report.md`, with `loss-<stage>.png` per training stage and
-`loss.png` when there are several): what ran, how long it took, the loss curves, the evaluation
-compared across models, and where the exported models are. Written beside the run record, so the
-images are linked relatively and the report reads the same on disk, in an S3 console or a copy.
+`loss.png` when there are several): what ran, how long it took, the loss curves, each data
+mixture's tokens and perplexity per source, the evaluation compared across models, and where the
+exported models are. Written beside the run record, so the images are linked relatively and the
+report reads the same on disk, in an S3 console or a copy.
 
 The stage table and the key metric per stage are shared with `orchestrator status`.
 matplotlib is imported only where a curve is drawn: it is slow to import, and `validate` and
@@ -61,6 +62,9 @@ def report_markdown(record: RunRecord, images: dict[str, str]) -> str:
         lines += ["", "## Training loss"]
         for name, caption in images.items():
             lines += ["", f"![{caption}]({name})"]
+    for name, results in _results(record, TrainResults):
+        if results.tokens_per_source:
+            lines += ["", f"## Data mixture: {name}", "", *_markdown_table(mixture_table(results))]
     for name, results in _results(record, EvaluateResults):
         if results.results:
             lines += ["", f"## Evaluation: {name}", "", *_markdown_table(evaluation_table(results.results))]
@@ -87,6 +91,18 @@ def _results(record: RunRecord, of: type[StageResults]) -> list[tuple[str, Stage
     """(stage, typed results) of the record's stages whose results are `of`'s."""
     found = [(name, KINDS[s.kind].results_of(s.metrics)) for name, s in record.stages.items() if s.kind in KINDS]
     return [(name, r) for name, r in found if isinstance(r, of)]
+
+
+def mixture_table(results: TrainResults) -> list[list[str]]:
+    """A mixture's sources as rows under a header row: tokens trained on, their share, and the
+    model's perplexity on the source's validation split."""
+    total = sum(results.tokens_per_source.values())
+    perplexity = results.val_perplexity or {}
+    rows = [["source", "tokens", "share", "validation perplexity"]]
+    for source, tokens in results.tokens_per_source.items():
+        shown = f"{perplexity[source]:.2f}" if source in perplexity else "-"
+        rows.append([source, f"{tokens:,}", f"{tokens / total:.1%}", shown])
+    return rows
 
 
 def evaluation_table(results: dict[str, ModelEvaluation]) -> list[list[str]]:

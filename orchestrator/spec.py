@@ -58,8 +58,8 @@ def references(kind: StageKind, raw_or_stage) -> list[tuple[str, str]]:
         value = get(field)
         items = [(f"{field}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(field, value)]
         for path, item in items:
-            if isinstance(item, (dict, ModelRef)):
-                item = item.get("stage") if isinstance(item, dict) else item.stage
+            if isinstance(item, (dict, BaseModel)):  # {stage, step} of evaluate, {stage, weight} of a mixture
+                item = item.get("stage") if isinstance(item, dict) else getattr(item, "stage", None)
             if isinstance(item, str):
                 refs.append((path, item))
     return refs

@@ -15,10 +15,14 @@ from jobs.sft import SFTTaskSpec
 from orchestrator.kinds.base import LocalPath, StageKind, StageSpec, file_problems, stage_or_path
 from orchestrator.kinds.preprocess import PreprocessStage
 from orchestrator.kinds.training import (
+    DataSource,
     TrainResults,
     TrainStage,
     checkpoint_problems,
+    data_stages,
     max_positions_of,
+    mixture_problems,
+    stage_or_mixture,
     training_summary,
 )
 
@@ -34,8 +38,9 @@ class FinetuneStage(TrainStage):
     """Start from this committed checkpoint step of `init` instead of its final export."""
     task: SFTTaskSpec | None = output(None)
     """Supervised fine-tuning data: a prompt/response JSON-lines file (give this or `data`)."""
-    data: str | None = output(None)
-    """Continued pretraining: a preprocess stage's sequences (give this or `task`)."""
+    data: str | list[DataSource] | None = output(None)
+    """Continued pretraining: a preprocess stage's sequences, or a mixture of them as a list of
+    {stage, weight} (as pretrain's `data`; give this or `task`)."""
     steps: int = output(200, ge=1)
     """Optimizer steps in all."""
     lr: float = output(1e-4, gt=0)
@@ -46,6 +51,7 @@ class FinetuneStage(TrainStage):
     """Not set here: the model and its shape come from `init` (giving it is an error)."""
 
     _init_or_path = field_validator("init", mode="before")(lambda cls, v: stage_or_path(v, "a training"))
+    _stage_or_mixture = field_validator("data", mode="before")(lambda cls, v: stage_or_mixture(v))
 
     @model_validator(mode="after")
     def _one_data_source(self):
@@ -69,12 +75,14 @@ class FinetuneStage(TrainStage):
     def problems(self, name: str, stages: Mapping[str, StageSpec]) -> list[str]:
         from jobs.sft import load_sft_rows  # reads the file: only when validating a whole pipeline
 
-        problems = super().problems(name, stages)
+        problems = super().problems(name, stages) + mixture_problems(name, stages, self.data)
         positions = self.max_positions(stages, frozenset({name}))
-        data = stages.get(self.data or "")
-        if positions is not None and isinstance(data, PreprocessStage) and data.seq_len > positions:
-            problems.append(f"stages.{name}.data: stages.{self.data}.seq_len {data.seq_len} exceeds the starting "
-                            f"model's max_position_embeddings {positions}; shorten seq_len")
+        for source in data_stages(self.data):
+            data = stages.get(source)
+            if positions is not None and isinstance(data, PreprocessStage) and data.seq_len > positions:
+                problems.append(f"stages.{name}.data: stages.{source}.seq_len {data.seq_len} exceeds the starting "
+                                f"model's max_position_embeddings {positions}; shorten seq_len")
+                break  # the sources share seq_len: once is enough
         if self.task and positions is not None and self.task.seq_len > positions:
             problems.append(f"stages.{name}.task.seq_len: {self.task.seq_len} exceeds the model's "
                             f"max_position_embeddings {positions}; shorten it")

@@ -4,13 +4,15 @@ and how a training stage is summarized."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Mapping
 
-from pydantic import field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from jobs.fields import operational, output
 from jobs.train_spec import TrainSpec
-from orchestrator.kinds.base import StageResults, StageSpec
+from orchestrator.kinds.base import LocalPath, StageResults, StageSpec
+from orchestrator.kinds.preprocess import PreprocessStage
 
 
 class TrainStage(TrainSpec, StageSpec):
@@ -76,6 +78,79 @@ class TrainStage(TrainSpec, StageSpec):
         return v
 
 
+class DataSource(BaseModel):
+    """One source of a data mixture."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    stage: str = output()
+    """A preprocess stage: its train split is trained on, its validation split scored per source."""
+    weight: float = output()
+    """Its share of the training sequences: weight / the sum of the weights (> 0)."""
+
+
+def stage_or_mixture(value):
+    """A preprocess stage's name, or a list of {stage, weight}; validated by hand so that an error
+    names the entry and the fix rather than each member of a union."""
+    if isinstance(value, str) or value is None:
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError("give a preprocess stage's name, or a non-empty list of {stage: NAME, weight: W}")
+    sources = []
+    for i, item in enumerate(value):
+        try:
+            source = DataSource.model_validate(item)
+        except ValidationError as e:
+            error = e.errors()[0]
+            where = ".".join(str(part) for part in (f"data[{i}]", *error["loc"]))
+            raise ValueError(f"{where}: {error['msg']}; give {{stage: NAME, weight: W}} with W > 0") from None
+        if not 0 < source.weight < float("inf"):
+            raise ValueError(f"data[{i}].weight: {source.weight:g} is not > 0; every source's weight must be a "
+                             "positive number (drop a source to leave it out)")
+        sources.append(source)
+    names = [s.stage for s in sources]
+    if len(set(names)) < len(names):
+        raise ValueError(f"a stage appears more than once in {names}; list each source once with its total weight")
+    return sources
+
+
+def data_stages(data: str | list[DataSource] | None) -> list[str]:
+    """The preprocess stages a training stage's `data` names, in order."""
+    if data is None:
+        return []
+    return [data] if isinstance(data, str) else [source.stage for source in data]
+
+
+def mixture_problems(name: str, stages: Mapping[str, StageSpec], data: str | list[DataSource] | None) -> list[str]:
+    """A mixture's sources must share the token ids (one tokenizer) and the sequence length (a
+    micro batch stacks sequences of every source)."""
+    if not isinstance(data, list):
+        return []
+    sources = [(i, s.stage, stages.get(s.stage)) for i, s in enumerate(data)]
+    sources = [(i, stage, spec) for i, stage, spec in sources if isinstance(spec, PreprocessStage)]
+    if not sources:
+        return []
+    _, first, first_spec = sources[0]
+    problems = []
+    for i, stage, spec in sources[1:]:
+        if _tokenizer_identity(spec.tokenizer) != _tokenizer_identity(first_spec.tokenizer):
+            problems.append(f"stages.{name}.data[{i}].stage: {stage} is tokenized with "
+                            f"{_tokenizer_named(spec.tokenizer)} but {first} with "
+                            f"{_tokenizer_named(first_spec.tokenizer)}; every source of a mixture must use the same "
+                            "tokenizer stage (or the same {path: DIR})")
+        if spec.seq_len != first_spec.seq_len:
+            problems.append(f"stages.{name}.data[{i}].stage: {stage} has seq_len {spec.seq_len} but {first} has "
+                            f"{first_spec.seq_len}; every source of a mixture must pack sequences of one length")
+    return problems
+
+
+def _tokenizer_identity(tokenizer: str | LocalPath) -> tuple[str, str]:
+    return ("path", os.path.realpath(tokenizer.path)) if isinstance(tokenizer, LocalPath) else ("stage", tokenizer)
+
+
+def _tokenizer_named(tokenizer: str | LocalPath) -> str:
+    return f"{{path: {tokenizer.path}}}" if isinstance(tokenizer, LocalPath) else f"tokenizer stage {tokenizer}"
+
 
 def max_positions_of(stages: Mapping[str, StageSpec], name: str, seen: frozenset = frozenset()) -> int | None:
     """The context length of training stage `name`; None for another kind, or when it is unknown."""
@@ -128,6 +203,10 @@ class TrainResults(StageResults):
     param_bytes_per_rank: list[int] | None = None
     """The parameter bytes each rank held right after building the model: about model / N under
     ZeRO-3, the whole model under ZeRO-1/2."""
+    tokens_per_source: dict[str, int] | None = None
+    """A data mixture: tokens trained on from each source (preprocess stage), all steps together."""
+    val_perplexity: dict[str, float] | None = None
+    """A data mixture: the exported model's perplexity on each source's validation split."""
 
 
 def training_summary(r: TrainResults) -> str:

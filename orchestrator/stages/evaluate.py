@@ -87,7 +87,6 @@ def _follow(ctx: StageContext, evaluate) -> None:
 @ray.remote
 def _evaluate(model_uri: str, tasks: list[TaskSpec], tasks_uri: str | None, data_uri: str | None,
               max_val_sequences: int, batch_size: int) -> dict:
-    import numpy as np
     import torch
 
     with tempfile.TemporaryDirectory(prefix="orchestrator-eval-") as tmp:
@@ -100,9 +99,42 @@ def _evaluate(model_uri: str, tasks: list[TaskSpec], tasks_uri: str | None, data
             local_tasks.append(task.model_copy(update={"path": path}))
         val = None
         if data_uri:
-            data = PackedTokens(data_uri, "val", os.path.join(tmp, "cache"))
-            if len(data) == 0:
+            val = _validation_sequences(data_uri, max_val_sequences, os.path.join(tmp, "cache"))
+            if val is None:
                 raise ValueError(f"{data_uri} has no validation sequences; raise its validation_fraction")
-            val = np.stack([data.sequence(i) for i in range(min(len(data), max_val_sequences))]).astype(np.int64)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return evaluate_model(model_dir, local_tasks, val_sequences=val, batch_size=batch_size, device=device)
+
+
+@ray.remote
+def source_perplexities(model_uri: str, data_uris: dict[str, str], max_val_sequences: int,
+                        batch_size: int) -> dict[str, float]:
+    """A data mixture's model on each source's validation split: source -> perplexity; a source
+    without validation sequences is left out."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jobs.evaluate import perplexity
+
+    with tempfile.TemporaryDirectory(prefix="orchestrator-eval-") as tmp:
+        open_storage(model_uri).download_prefix("", os.path.join(tmp, "model"))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as evaluate_model
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "model"), dtype=dtype).to(device).eval()
+        out = {}
+        for source, data_uri in data_uris.items():
+            val = _validation_sequences(data_uri, max_val_sequences, os.path.join(tmp, "cache"))
+            if val is not None:
+                out[source] = perplexity(model, val, batch_size)["perplexity"]
+        return out
+
+
+def _validation_sequences(data_uri: str, max_sequences: int, cache_dir: str):
+    """The first `max_sequences` sequences of a preprocess stage's validation split, (n, seq_len)
+    int64; None when the split is empty."""
+    import numpy as np
+
+    data = PackedTokens(data_uri, "val", cache_dir)
+    if len(data) == 0:
+        return None
+    return np.stack([data.sequence(i) for i in range(min(len(data), max_sequences))]).astype(np.int64)

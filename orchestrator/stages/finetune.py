@@ -16,7 +16,7 @@ from jobs.storage import open_storage
 from jobs.tokenizer import INFO_FILE, adopt_tokenizer
 from orchestrator.stages import StageContext, StageOutput
 from orchestrator.stages.model_inputs import resolve_model, upload_dir
-from orchestrator.stages.training import run_training
+from orchestrator.stages.training import data_fields, run_training
 
 
 def run(ctx: StageContext) -> StageOutput:
@@ -42,7 +42,7 @@ def run(ctx: StageContext) -> StageOutput:
             staged.update(upload_dir(ctx.out, os.path.join(tmp, "sft"), "sft"))
         job_fields["sft_uri"] = ctx.out.url("sft")
     else:
-        job_fields["data_uri"] = ctx.inputs["data"]
+        job_fields.update(data_fields(ctx, spec.data))
     output = run_training(ctx, job_fields)
     output.files.update(staged)
     if spec.task:

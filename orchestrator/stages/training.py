@@ -19,13 +19,23 @@ import ray
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from jobs.mixture import MixtureSource
 from jobs.train import TrainJob, train
 from jobs.train_spec import TrainSpec
-from orchestrator.kinds.training import TrainResults
+from orchestrator.kinds.training import DataSource, TrainResults
 from orchestrator.stages import StageContext, StageOutput
 
 _FIT_ENDED = {"event": "fit-ended"}
 _LIVENESS_S = 10.0  # how often to check that the fit thread is alive, should its last message be lost
+MIXTURE_VAL_SEQUENCES = 64  # validation sequences scored per source of a mixture, at most
+MIXTURE_VAL_BATCH = 8
+
+
+def data_fields(ctx: StageContext, data: str | list[DataSource]) -> dict:
+    """The job's data: one preprocess stage's output, or a mixture's sources (inputs `data[i]`)."""
+    if isinstance(data, str):
+        return {"data_uri": ctx.inputs["data"]}
+    return {"mixture": [MixtureSource(s.stage, ctx.inputs[f"data[{i}]"], s.weight) for i, s in enumerate(data)]}
 
 
 def run_training(ctx: StageContext, job_fields: dict) -> StageOutput:
@@ -71,7 +81,20 @@ def run_training(ctx: StageContext, job_fields: dict) -> StageOutput:
         raise RuntimeError(f"stage {ctx.name}: training ended without a final report")
     metrics = {k: final["metrics"].get(k) for k in TrainResults.model_fields if k != "restarts"}
     metrics["restarts"] = max(starts - 1, 0)
+    if job.mixture:
+        metrics["val_perplexity"] = _source_perplexities(ctx, job.mixture)
     return StageOutput(final["files"], metrics, attempts=max(starts, 1))
+
+
+def _source_perplexities(ctx: StageContext, sources: list[MixtureSource]) -> dict[str, float]:
+    """The export's perplexity on each source's validation split, in one Ray task (the workers'
+    resources are free again), as the evaluate stage scores perplexity."""
+    from orchestrator.stages.evaluate import source_perplexities
+
+    ctx.console.line(f"  scoring each source's validation split: {', '.join(s.name for s in sources)}")
+    task = source_perplexities.options(num_cpus=ctx.spec.cpus_per_worker, num_gpus=1 if ctx.spec.use_gpu else 0)
+    return ray.get(task.remote(ctx.out.url("hf"), {s.name: s.uri for s in sources}, MIXTURE_VAL_SEQUENCES,
+                               MIXTURE_VAL_BATCH))
 
 
 def _fit(trainer, outcome: dict, queue: Queue) -> None:
@@ -121,4 +144,12 @@ def _progress_line(m: dict) -> str:
     mfu = f"  mfu {m['mfu']:.1%}" if m.get("mfu") else ""
     return (f"  step {m['step']:>6}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  grad norm {m['grad_norm'] or 0:.3f}  "
             f"{m['tokens_per_s']:,.0f} tokens/s  {m['tflops_per_device']:.2f} TFLOP/s/device{mfu}  "
-            f"peak {m['peak_memory_gib']:.1f} GiB")
+            f"peak {m['peak_memory_gib']:.1f} GiB{_mixture_progress(m.get('tokens_per_source'))}")
+
+
+def _mixture_progress(tokens_per_source: dict[str, int] | None) -> str:
+    """Each source's share of the tokens so far, e.g. `  mix web 70% code 30%`."""
+    if not tokens_per_source:
+        return ""
+    total = sum(tokens_per_source.values())
+    return "  mix " + " ".join(f"{name} {tokens / total:.0%}" for name, tokens in tokens_per_source.items())
