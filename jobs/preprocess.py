@@ -66,8 +66,9 @@ class PreprocessSpec(BaseModel):
     shard_mb: float = output(64.0, gt=0.0)
     """Target shard size in MB of source data; one Ray task per shard and pass."""
     dedup_keys_per_task: int = operational(4_000_000, ge=1)
-    """Exact dedup's reduce tasks hold about this many keys each (20 bytes a key): the corpus's
-    key count decides how many tasks there are (a power of two), not one machine's memory."""
+    """Dedup's reduce tasks hold about this many keys each (exact dedup: one per document, 20
+    bytes; near_dedup: one per document and band, 14 bytes): the corpus decides how many tasks
+    there are (a power of two), not one machine's memory."""
 
 
 def scan_keys_key(index: int) -> str:
