@@ -1,35 +1,35 @@
-"""Corpus sources: find the files, cut them into shards, and read a shard's records.
+"""Corpus sources: find the files, check that they hold what the format says, and cut them into
+shards (reading a shard's records is jobs/source_readers.py).
 
-Sharding is by byte range for line formats (jsonl, text): one large file still spreads over all
-workers, and a shard is fully described by (uri, start, end), so the driver plans every shard
-from file sizes alone, without reading the corpus. A shard owns each line whose first byte lies
-in [start, end); the reader finishes the last line past `end`, so lines are never split or read
-twice.
-
-jsonl and text are read line by line here rather than through `datasets`, because every bad
-record (invalid UTF-8, invalid JSON, wrong type, missing field) must be counted and quarantined
-with its line number instead of failing the whole file. json (one array per file) and parquet
-have no line structure; a file is one shard and is read with `datasets` in streaming mode.
+Planning needs no pass over the corpus. Line formats (jsonl, text) shard by byte range, so one
+large file still spreads over all workers and a shard is planned from file sizes alone; a
+compressed file (`.gz`, `.zst`) cannot be entered in the middle and is one shard. A parquet file
+shards by row groups, planned from its footer (one ranged read per file). An arrow file
+(`save_to_disk`) and a json file are one shard each.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
-import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from jobs.fields import output
-from jobs.storage import open_storage, split_uri
+from jobs.source_readers import (BadRecord, Shard, ShardReader, SourceError, SourceFormat, compression_of,
+                                 parquet_file, split_shared)
+from jobs.storage import Storage, open_storage
 
-SourceFormat = Literal["jsonl", "json", "parquet", "text"]
+__all__ = ["BadRecord", "Shard", "ShardReader", "SourceError", "SourceFile", "SourceFormat", "SourceSpec",
+           "check_source_content", "list_source_files", "plan_shards"]
+
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_READ_AHEAD = 1 << 20  # bytes fetched at a time to finish a shard's last line
+_ARROW_DATA_FILES = "data-*.arrow"  # what save_to_disk writes into its directory (besides json metadata)
+_NUM_READ_THREADS = 8  # files whose first bytes or footer the driver reads at once
 
 
 class SourceSpec(BaseModel):
@@ -40,7 +40,9 @@ class SourceSpec(BaseModel):
     paths: list[str] = output(min_length=1, local="glob")
     """Local paths or globs (relative to the current directory) and `s3://bucket/key` URIs or globs."""
     format: SourceFormat = output("jsonl")
-    """File format: jsonl (one JSON object per line), json (an array of objects), parquet, text (one document per line)."""
+    """File format: jsonl (one JSON object per line), json (an array of objects), parquet, arrow (a directory
+    written by Hugging Face `save_to_disk`, or its `data-*.arrow` files), text (one document per line).
+    jsonl and text files may be compressed: `.gz` or `.zst` after the name (`x.jsonl.gz`), by extension."""
     text_field: str = output("text")
     """The field holding the document text (ignored for `text`)."""
 
@@ -53,10 +55,6 @@ class SourceSpec(BaseModel):
         return paths
 
 
-class SourceError(ValueError):
-    """A source cannot be read at all (a user mistake: reported before any worker starts)."""
-
-
 @dataclass(frozen=True)
 class SourceFile:
     uri: str
@@ -64,31 +62,17 @@ class SourceFile:
     version: str  # mtime or ETag: part of the stage hash, so a changed file reruns the stage
 
 
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    uri: str
-    format: SourceFormat
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
-class BadRecord:
-    line: int  # 1-based line (jsonl/text) or record number (json/parquet) within the shard
-    offset: int  # absolute byte offset of the line in the file (-1 where there is none)
-    reason: str
-    excerpt: str
-
-
 def list_source_files(spec: SourceSpec) -> list[SourceFile]:
     """Every file the spec names, in a stable order; SourceError names a path that matches nothing."""
     files: dict[str, SourceFile] = {}
     for i, pattern in enumerate(spec.paths):
         matched = _expand(pattern)
+        if not matched and spec.format == "arrow" and not _GLOB_CHARS.search(pattern):
+            matched = _expand(f"{pattern.rstrip('/')}/{_ARROW_DATA_FILES}")  # a save_to_disk directory
         if not matched:
+            what = f"no file, nor a directory of {_ARROW_DATA_FILES} files" if spec.format == "arrow" else "no file"
             raise SourceError(
-                f"source.paths[{i}]: {pattern!r} matches no file (relative paths are read from {os.getcwd()}); "
+                f"source.paths[{i}]: {pattern!r} matches {what} (relative paths are read from {os.getcwd()}); "
                 "check the path or glob"
             )
         for f in matched:
@@ -155,134 +139,145 @@ def _glob_regex(pattern: str) -> re.Pattern:
 
 
 def plan_shards(files: list[SourceFile], fmt: SourceFormat, shard_bytes: int) -> list[Shard]:
+    """Shards of about `shard_bytes` of source data each, numbered in file order."""
     shards: list[Shard] = []
-    for f in files:
-        if fmt in ("jsonl", "text") and f.size > shard_bytes:
-            for start in range(0, f.size, shard_bytes):
-                shards.append(Shard(len(shards), f.uri, fmt, start, min(start + shard_bytes, f.size)))
+    if fmt == "parquet":  # footers read in parallel: on S3 each is a request or two
+        storages: dict[str, Storage] = {}
+        with ThreadPoolExecutor(_NUM_READ_THREADS) as pool:
+            row_groups = list(pool.map(lambda f: _row_group_ranges(f.uri, shard_bytes, storages), files))
+    for i, f in enumerate(files):
+        if fmt == "parquet":
+            ranges = row_groups[i]
+        elif fmt in ("jsonl", "text") and not compression_of(f.uri) and f.size > shard_bytes:
+            ranges = [(start, min(start + shard_bytes, f.size)) for start in range(0, f.size, shard_bytes)]
         else:
-            shards.append(Shard(len(shards), f.uri, fmt, 0, f.size))
+            ranges = [(0, f.size)]
+        shards += [Shard(len(shards) + i, f.uri, fmt, start, end) for i, (start, end) in enumerate(ranges)]
     return shards
 
 
-class ShardReader:
-    """Iterates a shard's records: (line, text) for each good one, a BadRecord for each bad one.
+def _row_group_ranges(uri: str, shard_bytes: int, storages: dict[str, Storage]) -> list[tuple[int, int]]:
+    """Consecutive row groups, up to `shard_bytes` of (compressed) file bytes each, at least one per
+    range: [first, after last). A file without row groups is one empty range."""
+    metadata = parquet_file(uri, storages).metadata
+    ranges, first, size = [], 0, 0
+    for i in range(metadata.num_row_groups):
+        group = metadata.row_group(i)
+        group_bytes = sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+        if i > first and size + group_bytes > shard_bytes:
+            ranges.append((first, i))
+            first, size = i, 0
+        size += group_bytes
+    ranges.append((first, metadata.num_row_groups))
+    return ranges
 
-    After iteration, `num_lines` is the number of lines the shard owns (jsonl/text), which the
-    driver adds up to turn shard-relative line numbers into line numbers within the file.
+
+# --- content checks -------------------------------------------------------------------------
+
+_HEAD_BYTES = 4096  # read from the start of each checked file
+_MAX_S3_CHECKS = 64
+_MAX_BINARY_SHARE = 0.1  # of a head's characters that are not UTF-8 (a few bad lines are quarantined)
+# (name, magic bytes); xz and zip are recognized only to say that they are not read
+_MAGIC = [("gzip", b"\x1f\x8b"), ("zstd", b"\x28\xb5\x2f\xfd"), ("xz", b"\xfd7zXZ\x00"), ("zip", b"PK\x03\x04"),
+          ("parquet", b"PAR1"), ("arrow", b"\xff\xff\xff\xff"), ("arrow", b"ARROW1")]
+_SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
+# The extensions a format's files usually have (after a compression suffix is removed).
+_EXTENSIONS = {"jsonl": {".jsonl", ".json", ".ndjson", ".jl"}, "json": {".json"}, "text": {".txt", ".text"},
+               "parquet": {".parquet", ".pq"}, "arrow": {".arrow"}}
+
+
+def check_source_content(files: list[SourceFile], spec: SourceSpec) -> None:
+    """SourceError naming every file whose first bytes do not match the source's format, and the fix.
+
+    Local files are all checked. On S3 each check is a ranged GET, so at most the first
+    _MAX_S3_CHECKS files are, plus every file whose name does not look like the format's; a
+    mislabeled file past those still fails, later, with its bad records quarantined.
     """
+    local = [f.uri for f in files if not f.uri.startswith("s3://")]
+    remote = [f.uri for f in files if f.uri.startswith("s3://")]
+    remote = remote[:_MAX_S3_CHECKS] + [uri for uri in remote[_MAX_S3_CHECKS:] if _unusual_name(uri, spec.format)]
+    storages: dict[str, Storage] = {}
 
-    def __init__(self, shard: Shard, text_field: str):
-        self.shard = shard
-        self.text_field = text_field
-        self.num_lines = 0
+    def problem(uri: str) -> str | None:
+        storage, key = split_shared(uri, storages)
+        return _content_problem(uri, storage.read_range(key, 0, _HEAD_BYTES), spec.format)
 
-    def __iter__(self) -> Iterator[tuple[int, str] | BadRecord]:
-        if self.shard.format == "text":
-            return _text_records(self._lines())
-        if self.shard.format == "jsonl":
-            return _jsonl_records(self._lines(), self.text_field)
-        return _table_records(self.shard, self.text_field)
-
-    def _lines(self) -> Iterator[tuple[int, int, bytes]]:
-        for number, offset, raw in _read_lines(self.shard):
-            self.num_lines = number
-            yield number, offset, raw
-
-
-def _read_lines(shard: Shard) -> Iterator[tuple[int, int, bytes]]:
-    """(line number within the shard, absolute offset, raw line without its newline)."""
-    storage, key = split_uri(shard.uri)
-    # Read one byte before `start` to know whether a line begins exactly at `start`.
-    begin = max(shard.start - 1, 0)
-    data = storage.read_range(key, begin, shard.end) if shard.end > begin else b""
-    size = None
-    while data and not data.endswith(b"\n"):
-        if size is None:
-            size = storage.info(key).size
-        pos = begin + len(data)
-        if pos >= size:
-            break
-        chunk = storage.read_range(key, pos, min(pos + _READ_AHEAD, size))
-        newline = chunk.find(b"\n")
-        data += chunk if newline < 0 else chunk[: newline + 1]
-    first = 0
-    if shard.start > 0:
-        newline = data.find(b"\n")
-        if newline < 0:
-            return  # the shard lies inside one line that an earlier shard owns
-        first = newline + 1
-    offset = begin + first
-    for number, raw in enumerate(data[first:].split(b"\n"), start=1):
-        if offset >= begin + len(data):
-            break
-        yield number, offset, raw.removesuffix(b"\r")
-        offset += len(raw) + 1
+    problems = [p for p in map(problem, local) if p]
+    with ThreadPoolExecutor(_NUM_READ_THREADS) as pool:
+        problems += [p for p in pool.map(problem, remote) if p]
+    if len(problems) == 1:
+        raise SourceError(problems[0])
+    if problems:
+        shown = "\n".join(f"  - {p}" for p in problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise SourceError(f"{len(problems)} files do not hold format {spec.format}:\n{shown}{more}")
 
 
-def _decode(number: int, offset: int, raw: bytes) -> str | BadRecord:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return BadRecord(number, offset, "invalid_utf8", f"{e.reason} at byte {e.start}: {raw[:200]!r}")
+def _unusual_name(uri: str, fmt: SourceFormat) -> bool:
+    """Whether the name's extension, under a compression suffix, is not one usual for `fmt`."""
+    name = os.path.splitext(uri)[0] if compression_of(uri) else uri
+    return os.path.splitext(name)[1] not in _EXTENSIONS[fmt]
 
 
-def _text_records(lines) -> Iterator[tuple[int, str] | BadRecord]:
-    for number, offset, raw in lines:
-        if raw.strip():
-            text = _decode(number, offset, raw)
-            yield text if isinstance(text, BadRecord) else (number, text)
-
-
-def _jsonl_records(lines, text_field: str) -> Iterator[tuple[int, str] | BadRecord]:
-    for number, offset, raw in lines:
-        if not raw.strip():
-            continue
-        line = _decode(number, offset, raw)
-        if isinstance(line, BadRecord):
-            yield line
-            continue
+def _content_problem(uri: str, head: bytes, fmt: SourceFormat) -> str | None:
+    """What is wrong with a file whose first bytes are `head`, and how to fix it; None if nothing."""
+    path = uri.removeprefix("file://")
+    name = os.path.basename(path)
+    magic = next((kind for kind, prefix in _MAGIC if head.startswith(prefix)), None)
+    declared = compression_of(uri)
+    if declared and fmt in ("jsonl", "text", "json"):  # json: `datasets` decompresses it
+        if magic != declared:
+            found = f"starts with {magic}'s magic bytes" if magic else f"is not {declared}-compressed"
+            return (f"{path} is named as {declared}-compressed but {found}: rename it "
+                    f"{name.removesuffix(_SUFFIX[declared])}{_SUFFIX.get(magic, '')} or check the file")
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield BadRecord(number, offset, "invalid_json", f"{e.msg}: {line[:200]}")
-            continue
-        yield _field(record, text_field, number, offset)
+            text = _decompress_head(head, declared)
+        except Exception as e:  # zlib.error, zstandard.ZstdError: whatever the stream's fault
+            return f"{path} is not a readable {declared} stream ({e}): check the file"
+        return _text_problem(path, text, fmt, f" (once {declared}-decompressed)")
+    if fmt in ("parquet", "arrow"):
+        if magic == fmt:
+            return None
+        if magic:
+            found = f"; it is {magic} data"
+        else:
+            found = "; it looks like text: use format jsonl or text" if _binary_reason(head) is None else ""
+        return f"{path} is not {_article(fmt)} {fmt} file{found}: check the file or the source's format"
+    if magic in _SUFFIX:
+        return f"{path} starts with {magic}'s magic bytes: rename it {name}{_SUFFIX[magic]}"
+    if magic in ("parquet", "arrow"):
+        return f"{path} is {_article(magic)} {magic} file: set the source's format to {magic}"
+    if magic:
+        return f"{path} is {magic}-compressed, which is not read: decompress it, or recompress it with gzip or zstd"
+    return _text_problem(path, head, fmt, "")
 
 
-def _field(record, text_field: str, number: int, offset: int) -> tuple[int, str] | BadRecord:
-    if not isinstance(record, dict):
-        return BadRecord(number, offset, "not_an_object", repr(record)[:200])
-    if text_field not in record or record[text_field] is None:
-        return BadRecord(number, offset, "missing_field", f"no {text_field!r} in {sorted(record)[:10]}")
-    text = record[text_field]
-    if not isinstance(text, str):
-        return BadRecord(number, offset, "wrong_type", f"{text_field!r} is {type(text).__name__}: {repr(text)[:200]}")
-    return number, text
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
-def _table_records(shard: Shard, text_field: str) -> Iterator[tuple[int, str] | BadRecord]:
-    import datasets
+def _decompress_head(head: bytes, compression: str) -> bytes:
+    """As much of the decompressed text as the head of a compressed file gives."""
+    if compression == "gzip":
+        return zlib.decompressobj(wbits=31).decompress(head)
+    import zstandard
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    with tempfile.TemporaryDirectory(prefix="orchestrator-source-") as tmp:
-        storage, key = split_uri(shard.uri)
-        local = os.path.join(tmp, os.path.basename(key))
-        storage.download_file(key, local)
-        builder = "parquet" if shard.format == "parquet" else "json"
-        try:
-            rows = list(datasets.load_dataset(builder, data_files=local, split="train", streaming=True))
-        except Exception as e:  # datasets cannot type this file: fall back to plain JSON per record
-            if shard.format != "json":
-                raise SourceError(f"{shard.uri}: not a readable parquet file ({e})") from e
-            try:
-                with open(local, encoding="utf-8") as fh:
-                    rows = json.load(fh)
-            except (UnicodeDecodeError, json.JSONDecodeError) as parse_error:
-                yield BadRecord(1, -1, "invalid_json", f"the whole file: {parse_error}"[:300])
-                return
-            if not isinstance(rows, list):
-                rows = [rows]
-    for number, record in enumerate(rows, start=1):
-        yield _field(record, text_field, number, -1)
+    return zstandard.ZstdDecompressor().decompressobj().decompress(head)
+
+
+def _text_problem(path: str, head: bytes, fmt: SourceFormat, how: str) -> str | None:
+    reason = _binary_reason(head)
+    if reason is None:
+        return None
+    return f"{path} is binary{how}, not {fmt} text ({reason}): check the file, or the source's format"
+
+
+def _binary_reason(head: bytes) -> str | None:
+    if b"\x00" in head:
+        return f"a NUL byte at offset {head.index(0)}"
+    text = head.decode("utf-8", errors="replace")
+    cut = min(len(text) - len(text.rstrip("\ufffd")), 3)  # a character cut by the head's end is no fault
+    bad = text.count("\ufffd") - cut
+    if text and bad > _MAX_BINARY_SHARE * len(text):
+        return f"{bad} of its first {len(text)} characters are not UTF-8"
+    return None

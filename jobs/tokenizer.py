@@ -7,16 +7,19 @@ the ids that packing needs (end-of-text) so workers never guess them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from jobs.commit import file_entry
-from jobs.sources import BadRecord, ShardReader, list_source_files, plan_shards
+from jobs.sources import BadRecord, ShardReader, SourceError, list_source_files, plan_shards
 from jobs.storage import Storage
 from jobs.text import normalize
 
@@ -85,7 +88,15 @@ def load_tokenizer(local_dir: str) -> tuple[Tokenizer, dict]:
     return Tokenizer.from_file(os.path.join(local_dir, "tokenizer.json")), info
 
 
-def sample_corpus(source, normalization, sample_bytes: int) -> Iterator[str]:
+@dataclass
+class Skipped:
+    """What a sample skipped: counts by reason (a bad record's, or "empty"), and the first bad record."""
+
+    counts: Counter = field(default_factory=Counter)
+    first_bad: str | None = None
+
+
+def sample_corpus(source, normalization, sample_bytes: int, skipped: Skipped) -> Iterator[str]:
     """Normalized documents from the start of every shard, spread evenly over the corpus.
 
     An even spread matters: training on the first files alone would fit the merges to them.
@@ -96,13 +107,31 @@ def sample_corpus(source, normalization, sample_bytes: int) -> Iterator[str]:
         taken = 0
         for item in ShardReader(shard, source.text_field):
             if isinstance(item, BadRecord):
+                skipped.counts[item.reason] += 1
+                skipped.first_bad = skipped.first_bad or f"{shard.uri}: {item.reason}: {item.excerpt[:120]}"
                 continue
             text = normalize(item[1], normalization)
-            if text:
-                yield text
-                taken += len(text)
-                if taken >= budget:
-                    break
+            if not text:
+                skipped.counts["empty"] += 1
+                continue
+            yield text
+            taken += len(text)
+            if taken >= budget:
+                break
+
+
+def _sample_texts(source, normalization, sample_bytes: int) -> Iterator[str]:
+    """The sample, or a SourceError (before training) if it holds no usable text at all."""
+    skipped = Skipped()
+    texts = sample_corpus(source, normalization, sample_bytes, skipped)
+    first = next(texts, None)
+    if first is None:
+        example = f"; the first: {skipped.first_bad}" if skipped.first_bad else ""
+        raise SourceError(
+            f"{', '.join(source.paths)}: no usable text to train the tokenizer on ({sum(skipped.counts.values())} "
+            f"records skipped: {dict(skipped.counts)}{example}); check the source's format ({source.format}) and "
+            f"text_field ({source.text_field!r}), and that the files hold text")
+    return itertools.chain([first], texts)
 
 
 def build_tokenizer(out: Storage, *, source=None, normalization=None, vocab_size=0, min_frequency=2,
@@ -112,7 +141,8 @@ def build_tokenizer(out: Storage, *, source=None, normalization=None, vocab_size
         if path is not None:
             info = adopt_tokenizer(path, local_dir)
         else:
-            info = train_tokenizer(sample_corpus(source, normalization, sample_bytes), vocab_size, min_frequency, local_dir)
+            info = train_tokenizer(_sample_texts(source, normalization, sample_bytes), vocab_size, min_frequency,
+                                   local_dir)
         out.upload_dir(local_dir, "")
         entries = {name: file_entry(os.path.join(local_dir, name)) for name in sorted(os.listdir(local_dir))}
     return info, entries

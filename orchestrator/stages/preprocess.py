@@ -24,7 +24,8 @@ from jobs.near_dedup import NEAR_DROPS_KEY, find_candidate_pairs, near_duplicate
 from jobs.preprocess import (encode_shard, load_scan_meta, scan_bands_key, scan_keys_key, scan_meta_key, scan_shard,
                              scan_signatures_key, shard_commit_key, token_dtype)
 from jobs.shuffle import num_listed, num_partitions
-from jobs.sources import BadRecord, Shard, ShardReader, list_source_files, plan_shards
+from jobs.sources import (BadRecord, Shard, ShardReader, SourceError, check_source_content, list_source_files,
+                          plan_shards)
 from jobs.storage import open_storage
 from jobs.tokenizer import adopt_tokenizer
 from orchestrator.errors import UserError
@@ -93,15 +94,20 @@ def _run_tasks(ctx: StageContext, fn, args: list[tuple], total: int, label: str,
 
 
 def _check_text_field(name: str, spec, first: object) -> None:
-    """Catch a wrong `text_field` from the first records of the first file, before any worker."""
-    if spec.source.format == "text":
-        return
-    peek = Shard(0, first.uri, spec.source.format, 0, min(first.size, _PEEK_BYTES))
-    records = []
-    for item in ShardReader(peek, spec.source.text_field):
-        records.append(item)
-        if len(records) >= 100:
-            break
+    """Before any worker: every file's first bytes must match the format (a `.jsonl` that is gzip, a
+    binary file), and the first records of the first file must have `text_field`."""
+    try:
+        check_source_content(list_source_files(spec.source), spec.source)  # all files; `first` is one
+        if spec.source.format == "text":
+            return
+        peek = plan_shards([first], spec.source.format, _PEEK_BYTES)[0]
+        records = []
+        for item in ShardReader(peek, spec.source.text_field):
+            records.append(item)
+            if len(records) >= 100:
+                break
+    except SourceError as e:
+        raise UserError(f"stages.{name}.source: {e}") from None
     missing = [r for r in records if isinstance(r, BadRecord) and r.reason == "missing_field"]
     if records and len(missing) == len(records):
         raise UserError(
