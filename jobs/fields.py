@@ -66,7 +66,8 @@ def _output_value(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_output_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _output_value(v) for k, v in value.items()}
+        # JSON keys are strings: an int key must equal the same key read back from a commit.
+        return {str(k): _output_value(v) for k, v in value.items()}
     return to_jsonable_python(value)
 
 
