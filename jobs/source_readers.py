@@ -34,6 +34,7 @@ SourceFormat = Literal["jsonl", "json", "parquet", "arrow", "text"]
 Compression = Literal["gzip", "zstd"]
 COMPRESSION_SUFFIXES: dict[str, Compression] = {".gz": "gzip", ".zst": "zstd"}
 _STREAM_BYTES = 8 << 20  # bytes per ranged read: few requests on S3, bounded memory everywhere
+_TAIL_BYTES = 64 << 10  # bytes per read past a shard's end, where only its last line's tail is wanted
 _BATCH_ROWS = 1024  # rows per parquet record batch
 
 
@@ -74,9 +75,9 @@ class _ObjectFile(io.RawIOBase):
     """A read-only, seekable file over Storage.read_range, for readers that stream (gzip, zstd,
     pyarrow): one storage interface for local files and S3 objects."""
 
-    def __init__(self, storage: Storage, key: str, position: int):
+    def __init__(self, storage: Storage, key: str, position: int, end: int | None):
         self._storage, self._key = storage, key
-        self._position = position
+        self._position, self._end = position, end
         self._size: int | None = None
 
     def readable(self) -> bool:
@@ -102,15 +103,21 @@ class _ObjectFile(io.RawIOBase):
         return self._position
 
     def readinto(self, buffer) -> int:
-        data = self._storage.read_range(self._key, self._position, self._position + len(buffer))
+        size = len(buffer)
+        if self._end is not None:  # up to `end` in full, past it only a line's tail at a time
+            size = min(size, self._end - self._position if self._position < self._end else _TAIL_BYTES)
+        data = self._storage.read_range(self._key, self._position, self._position + size)
         buffer[: len(data)] = data
         self._position += len(data)
         return len(data)
 
 
-def open_object(uri: str, position: int = 0, storages: dict[str, Storage] | None = None) -> io.BufferedReader:
-    """A buffered binary file over the object at `uri`, positioned at `position`."""
-    return io.BufferedReader(_ObjectFile(*split_shared(uri, storages), position), _STREAM_BYTES)
+def open_object(uri: str, position: int = 0, storages: dict[str, Storage] | None = None,
+                end: int | None = None) -> io.BufferedReader:
+    """A buffered binary file over the object at `uri`, positioned at `position`. A reader that
+    will stop near `end` says so: no read then fetches bytes far past it."""
+    buffer_bytes = _STREAM_BYTES if end is None else min(max(end - position, _TAIL_BYTES), _STREAM_BYTES)
+    return io.BufferedReader(_ObjectFile(*split_shared(uri, storages), position, end), buffer_bytes)
 
 
 def open_decompressed(uri: str) -> io.BufferedIOBase:
@@ -168,7 +175,7 @@ def _lines(shard: Shard) -> Iterator[tuple[int, int, bytes]]:
         return
     # Read from one byte before `start`: the rest of that line belongs to the shard before.
     begin = max(shard.start - 1, 0)
-    with open_object(shard.uri, begin) as stream:
+    with open_object(shard.uri, begin, end=shard.end) as stream:
         offset = begin
         if shard.start > 0:
             skipped = stream.readline()
