@@ -36,6 +36,7 @@ COMPRESSION_SUFFIXES: dict[str, Compression] = {".gz": "gzip", ".zst": "zstd"}
 _STREAM_BYTES = 8 << 20  # bytes per ranged read: few requests on S3, bounded memory everywhere
 _TAIL_BYTES = 64 << 10  # bytes per read past a shard's end, where only its last line's tail is wanted
 _BATCH_ROWS = 1024  # rows per parquet record batch
+_PARQUET_BUFFER_BYTES = 1 << 20
 
 
 class SourceError(ValueError):
@@ -274,7 +275,8 @@ def parquet_file(uri: str, storages: dict[str, Storage] | None = None):
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(open_object(uri, storages=storages))
+        # buffer_size: column chunks stream page by page instead of being read whole
+        return pq.ParquetFile(open_object(uri, storages=storages), buffer_size=_PARQUET_BUFFER_BYTES)
     except (pa.ArrowInvalid, OSError) as e:
         raise SourceError(f"{uri}: not a readable parquet file ({e}); check the file or the source's format") from e
 
