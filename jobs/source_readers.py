@@ -275,8 +275,9 @@ def parquet_file(uri: str, storages: dict[str, Storage] | None = None):
     import pyarrow.parquet as pq
 
     try:
-        # buffer_size: column chunks stream page by page instead of being read whole
-        return pq.ParquetFile(open_object(uri, storages=storages), buffer_size=_PARQUET_BUFFER_BYTES)
+        # Column chunks stream page by page (pyarrow's default pre_buffer reads each one whole)
+        return pq.ParquetFile(open_object(uri, storages=storages), buffer_size=_PARQUET_BUFFER_BYTES,
+                              pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as e:
         raise SourceError(f"{uri}: not a readable parquet file ({e}); check the file or the source's format") from e
 
