@@ -146,6 +146,25 @@ def test_parquet_wrong_types_and_a_missing_column(tmp_path):
     assert "no 'body' in columns ['text', 'id', 'number']" == bad[0].excerpt
 
 
+def test_parquet_row_group_is_streamed_not_held(tmp_path):
+    """A row group's text column is read in ranged reads, not fetched whole (its bytes pass through
+    Python, so tracemalloc sees them)."""
+    texts = [os.urandom(1000).hex() for _ in range(20_000)]  # 40 MB, one row group, stored uncompressed
+    pq.write_table(pa.table({"text": texts}), tmp_path / "one.parquet", row_group_size=len(texts),
+                   compression="none", use_dictionary=False)
+    [shard] = _shards(str(tmp_path / "one.parquet"), "parquet")
+    from jobs.sources import ShardReader
+
+    tracemalloc.start()
+    try:
+        first = [item for _, item in zip(range(100), ShardReader(shard, "text"))]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert first == list(enumerate(texts[:100], start=1))
+    assert peak < 40e6 / 2, peak
+
+
 # --- a Hugging Face dataset saved with save_to_disk ---------------------------------------------
 
 @pytest.fixture
