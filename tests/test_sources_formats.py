@@ -21,7 +21,7 @@ import zstandard
 from test_sources_text import CONTENT, _expected_jsonl, _read_all
 
 from corpus import make_corpus
-from jobs.sources import (BadRecord, SourceError, SourceSpec, check_source_content, list_source_files,
+from jobs.sources import (ShardReader, SourceError, SourceSpec, check_source_content, list_source_files,
                           plan_shards)
 from jobs.storage import open_storage
 from jobs.tokenizer import build_tokenizer, train_tokenizer
@@ -78,8 +78,6 @@ def test_compressed_file_is_streamed_not_held(tmp_path, suffix):
     path = tmp_path / f"big.txt{suffix}"
     path.write_bytes(COMPRESS[suffix](lines))
     [shard] = _shards(str(path), "text")
-    from jobs.sources import ShardReader
-
     tracemalloc.start()
     try:
         reader = ShardReader(shard, "text")
@@ -139,7 +137,6 @@ def test_parquet_wrong_types_and_a_missing_column(tmp_path):
     items = _read_all(_shards(str(path), "parquet", 1, text_field="number"), "number")
     assert items == [("bad", i, -1, "wrong_type") for i in range(1, 5)]
     shards = _shards(str(path), "parquet", 1, text_field="body")
-    from jobs.sources import ShardReader
 
     bad = [item for s in shards for item in ShardReader(s, "body")]
     assert [(b.line, b.reason) for b in bad] == [(1, "missing_field"), (2, "missing_field")] * 2
@@ -153,8 +150,6 @@ def test_parquet_row_group_is_streamed_not_held(tmp_path):
     pq.write_table(pa.table({"text": texts}), tmp_path / "one.parquet", row_group_size=len(texts),
                    compression="none", use_dictionary=False)
     [shard] = _shards(str(tmp_path / "one.parquet"), "parquet")
-    from jobs.sources import ShardReader
-
     tracemalloc.start()
     try:
         first = [item for _, item in zip(range(100), ShardReader(shard, "text"))]
