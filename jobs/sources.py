@@ -202,9 +202,8 @@ def check_source_content(files: list[SourceFile], spec: SourceSpec) -> None:
         storage, key = split_shared(uri, storages)
         return _content_problem(uri, storage.read_range(key, 0, _HEAD_BYTES), spec.format)
 
-    problems = [p for p in map(problem, local) if p]
     with ThreadPoolExecutor(_NUM_READ_THREADS) as pool:
-        problems += [p for p in pool.map(problem, remote) if p]
+        problems = [p for p in pool.map(problem, local + remote) if p]
     if len(problems) == 1:
         raise SourceError(problems[0])
     if problems:
