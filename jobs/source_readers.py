@@ -257,8 +257,9 @@ def _column_records(values, text_field: str) -> Iterator[tuple[int, str] | BadRe
             yield _text_value(value, text_field, number, -1)
 
 
-def _batch_values(batches, text_field: str, number: int = 0) -> Iterator[tuple[int, object]]:
+def _batch_values(batches, text_field: str) -> Iterator[tuple[int, object]]:
     """(record number, value of `text_field`) for each row of each record batch."""
+    number = 0
     for batch in batches:
         if text_field in batch.schema.names:
             values = batch.column(text_field).to_pylist()
