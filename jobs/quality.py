@@ -259,12 +259,11 @@ def _top_ngram(counts: Counter) -> tuple[int, int]:
 def _duplicate_ngram_chars(words: list[str], n: int) -> int:
     """Characters of the words that lie in an n-gram occurring earlier in the document, each word
     counted once however many such n-grams hold it (Gopher, A.1.1)."""
-    grams = list(_ngrams(words, n))
-    if len(set(grams)) == len(grams):  # the common case, at C speed
+    if len(set(_ngrams(words, n))) == len(words) - n + 1:  # none repeats: the common case, at C speed
         return 0
     seen: set[tuple[str, ...]] = set()
     num_chars = counted_until = 0
-    for start, gram in enumerate(grams):
+    for start, gram in enumerate(_ngrams(words, n)):
         if gram in seen:
             num_chars += sum(map(len, words[max(start, counted_until):start + n]))
             counted_until = start + n
@@ -429,7 +428,7 @@ class FineWebSpec(BaseModel):
     max_duplicate_line_char_fraction: Fraction = output(0.1)
     """Drop documents where at least this share of characters (newlines not counted) lies in
     non-blank lines repeating an earlier line; FineWeb's paper: 0.1 (datatrove's default is 0.01)."""
-    max_newlines_per_word: float = output(0.3, ge=0.0)
+    max_newlines_per_token: float = output(0.3, ge=0.0)
     """Drop list-like documents: more newlines per token than this; FineWeb's code: 0.3."""
 
 
@@ -445,7 +444,8 @@ def fineweb_failure(doc: Document, spec: FineWebSpec) -> str | None:
     num_chars = len(text) - num_newlines
     if num_chars and _duplicates(doc.content_lines)[1] / num_chars >= spec.max_duplicate_line_char_fraction:
         return "fineweb_duplicate_line_chars"
-    if num_newlines > spec.max_newlines_per_word * doc.num_tokens:  # also a document of newlines only
+    num_tokens = doc.num_tokens
+    if num_newlines and (not num_tokens or num_newlines / num_tokens > spec.max_newlines_per_token):
         return "fineweb_list_like"
     return None
 
