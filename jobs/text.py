@@ -56,10 +56,10 @@ class FilterSpec(BaseModel):
     max_duplicate_line_fraction: float = output(1.0, ge=0.0, le=1.0)
     """Drop documents where more than this share of non-empty lines repeat (boilerplate)."""
     rule_sets: tuple[Literal["gopher_quality", "gopher_repetition", "c4", "fineweb"], ...] = output(())
-    """Published rule sets to apply after the rules above, in this order; drops are counted under
-    each rule's name (e.g. `gopher_too_few_words`). `c4` goes first wherever it is listed: its line
-    rules remove lines, and every other rule judges what is left. Each set's thresholds are in its
-    own section below."""
+    """Published rule sets, applied in this order after the rules above, except `c4`, which goes
+    first of all: its line rules remove lines, and every other rule (those above too) judges what is
+    left. Drops are counted under each rule's name (e.g. `gopher_too_few_words`); each set's
+    thresholds are in its own section below."""
     gopher_quality: GopherQualitySpec = output(GopherQualitySpec())
     """Thresholds of `gopher_quality` (used only when listed in `rule_sets`)."""
     gopher_repetition: GopherRepetitionSpec = output(GopherRepetitionSpec())
