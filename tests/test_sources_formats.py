@@ -388,3 +388,7 @@ def test_bad_input_exits_2_naming_the_file_before_any_worker(start_ray, tmp_path
     assert code == 2
     assert f"stages.prose.source: {tmp_path}/prose.jsonl: no usable text to train the tokenizer on" in err
     assert "{'invalid_json': 2}" in err
+
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1" + bytes(100) + b"PAR1")  # the right magic, no footer
+    code, err = run("broken", {**corpus, "source": {"paths": [f"{tmp_path}/broken.parquet"], "format": "parquet"}})
+    assert code == 2 and f"{tmp_path}/broken.parquet: not a readable parquet file" in err

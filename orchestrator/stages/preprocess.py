@@ -11,6 +11,7 @@ quarantine file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -38,9 +39,7 @@ _PEEK_BYTES = 1 << 16
 
 def run(ctx: StageContext) -> StageOutput:
     spec, out = ctx.spec, ctx.out
-    files = list_source_files(spec.source)
-    _check_text_field(ctx.name, spec, files[0])
-    shards = plan_shards(files, spec.source.format, max(int(spec.shard_mb * 1e6), 1))
+    shards = _planned_shards(ctx.name, spec, list_source_files(spec.source))
     tokenizer_files = _stage_tokenizer(ctx)
 
     scanned = {o.key for o in out.list("scan/")}
@@ -93,21 +92,23 @@ def _run_tasks(ctx: StageContext, fn, args: list[tuple], total: int, label: str,
         run_all([remote.remote(*a) for a in args], advance)
 
 
-def _check_text_field(name: str, spec, first: object) -> None:
-    """Before any worker: every file's first bytes must match the format (a `.jsonl` that is gzip, a
-    binary file), and the first records of the first file must have `text_field`."""
+def _planned_shards(name: str, spec, files: list) -> list[Shard]:
+    """Before any worker: every file's first bytes must match the format (a `.jsonl` that is gzip,
+    a binary file), the shards are planned (parquet footers read), and the first records of the
+    first file must have `text_field`."""
     try:
-        check_source_content(list_source_files(spec.source), spec.source)  # all files; `first` is one
-        if spec.source.format == "text":
-            return
-        peek = plan_shards([first], spec.source.format, _PEEK_BYTES)[0]
-        records = []
-        for item in ShardReader(peek, spec.source.text_field):
-            records.append(item)
-            if len(records) >= 100:
-                break
+        check_source_content(files, spec.source)
+        shards = plan_shards(files, spec.source.format, max(int(spec.shard_mb * 1e6), 1))
+        if spec.source.format != "text":
+            _check_text_field(name, spec, files[0])
     except SourceError as e:
         raise UserError(f"stages.{name}.source: {e}") from None
+    return shards
+
+
+def _check_text_field(name: str, spec, first) -> None:
+    peek = plan_shards([first], spec.source.format, _PEEK_BYTES)[0]
+    records = list(itertools.islice(ShardReader(peek, spec.source.text_field), 100))
     missing = [r for r in records if isinstance(r, BadRecord) and r.reason == "missing_field"]
     if records and len(missing) == len(records):
         raise UserError(
