@@ -399,4 +399,4 @@ def test_preprocess_counts_each_rule_drops_by_name(start_ray, tmp_path):
     assert manifest["num_shards"] > 1
     drops = {name: n for name, n in manifest["drops"].items() if name != "duplicate"}
     assert drops == expected
-    assert manifest["num_documents"] == len(documents) - sum(expected.values())
+    assert manifest["num_documents"] == len(documents) - sum(manifest["drops"].values())
