@@ -2,7 +2,7 @@
 
 Each rule set is a frozen spec of its thresholds, with the published defaults, and a function
 `(Document, spec) -> the failing rule's name | None`. The names are what the preprocess manifest
-counts drops under. A `Document` computes each statistic (tokens, lines, paragraphs) the first time
+counts drops under. A `Document` computes each statistic (words, lines, paragraphs) the first time
 a rule reads it, so a rule set pays only for what its rules need and rule sets share the work.
 
 Sources: Rae et al. 2021, "Scaling Language Models: Methods, Analysis & Insights from Training
@@ -360,7 +360,8 @@ class C4Spec(BaseModel):
     remove_policy_lines: bool = output(True)
     """Line rule: remove lines mentioning terms of use, a privacy or cookie policy, or cookies; C4's code: on."""
     min_sentences: int = output(5, ge=0)
-    """Document rule: drop documents with fewer sentences in the kept lines; C4: 5."""
+    """Document rule: drop documents with fewer sentences in the kept lines (a sentence ends at '.',
+    '!' or '?' before a space or the line's end; C4 split with NLTK's punkt); C4: 5."""
 
 
 def c4_lines(text: str, spec: C4Spec) -> tuple[list[str], str | None]:
