@@ -4,9 +4,10 @@
    surviving document (slotted by key range, jobs/shuffle.py), then its counts and bad records.
 2. Exact dedup's reduce tasks (jobs/dedup.py) each decide the first occurrences in one key range
    of the whole corpus, which is how dedup spans the corpus and not just a shard.
-3. `encode_shard` reads the shard again, skips the positions the reduce tasks dropped, tokenizes
-   the rest, appends end-of-text, packs train and validation streams into fixed-length
-   sequences, and commits its token files.
+3. `encode_shard` reads the shard again, skips the records the scan's filters rejected (one bit
+   each: nothing is judged twice) and the positions the reduce tasks dropped, tokenizes the rest,
+   appends end-of-text, packs train and validation streams into fixed-length sequences, and
+   commits its token files.
 
 Re-reading beats carrying text between the passes: reading and cleaning cost a fraction of
 tokenizing, and nothing large crosses the object store. Every output name is derived from the
@@ -38,7 +39,7 @@ from jobs.near_dedup import NearDedupSpec, band_records, minhash, permutations
 from jobs.shuffle import read_shard_positions, write_slotted
 from jobs.sources import BadRecord, Shard, ShardReader
 from jobs.storage import Storage, open_storage
-from jobs.text import FilterSpec, NormalizeSpec, is_validation, normalize, rejection_reason
+from jobs.text import FilterSpec, NormalizeSpec, clean_lines, is_validation, normalize, rejection_reason
 from jobs.tokenizer import load_tokenizer
 
 MAX_BAD_RECORDS_KEPT = 1000  # per shard; all are counted, the first ones are quarantined verbatim
@@ -83,6 +84,11 @@ def scan_signatures_key(index: int) -> str:
     return f"scan/shard-{index:05d}.minhash"
 
 
+def scan_kept_key(index: int) -> str:
+    """One bit per record of the shard: whether it passed the filters."""
+    return f"scan/shard-{index:05d}.kept"
+
+
 def scan_meta_key(index: int) -> str:
     """Written after the shard's key file: its presence means the scan is done."""
     return f"scan/shard-{index:05d}.json"
@@ -96,20 +102,30 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def _clean_documents(reader: ShardReader, spec: PreprocessSpec, drops: Counter, bad: list):
-    """Yields the normalized text of each document that passes the filters, in shard order."""
+def _judged_documents(reader: ShardReader, spec: PreprocessSpec, drops: Counter, bad: list, kept: list[bool]):
+    """Yields the cleaned text (normalized, without the lines that line-level rules such as C4's
+    remove) of each document that passes the filters, in shard order; `kept` gets one verdict per
+    record (bad records included), which the encode pass replays instead of judging again."""
     for item in reader:
         if isinstance(item, BadRecord):
             drops[item.reason] += 1
             if len(bad) < MAX_BAD_RECORDS_KEPT:
                 bad.append(item)
+            kept.append(False)
             continue
         text = normalize(item[1], spec.normalize)
-        reason = rejection_reason(text, spec.filters)
+        reason = rejection_reason(text, spec.filters)  # the rules judge the whole document
+        kept.append(reason is None)
         if reason:
             drops[reason] += 1
         else:
-            yield text
+            yield clean_lines(text, spec.filters)  # what is deduplicated and tokenized
+
+
+def _kept_documents(reader: ShardReader, spec: PreprocessSpec, kept: np.ndarray):
+    """The cleaned text of the documents the scan kept, in shard order."""
+    for item in itertools.compress(reader, kept):
+        yield clean_lines(normalize(item[1], spec.normalize), spec.filters)
 
 
 def scan_shard(shard: Shard, spec: PreprocessSpec, text_field: str, out: Storage) -> dict:
@@ -120,13 +136,14 @@ def scan_shard(shard: Shard, spec: PreprocessSpec, text_field: str, out: Storage
     bad: list[BadRecord] = []
     near = spec.near_dedup
     perms = permutations(near) if near else None
-    digests, signatures, has_shingles = [], [], []
-    for text in _clean_documents(reader, spec, drops, bad):
+    digests, signatures, has_shingles, kept = [], [], [], []
+    for text in _judged_documents(reader, spec, drops, bad, kept):
         digests.append(document_digest(text))
         if near:
             signature, has = minhash(text, near, perms)
             signatures.append(signature)
             has_shingles.append(has)
+    out.write_bytes(scan_kept_key(shard.index), np.packbits(np.array(kept, dtype=bool)).tobytes())
     write_slotted(out, scan_keys_key(shard.index), key_records(digests))
     if near:
         signatures = np.stack(signatures) if signatures else np.zeros((0, near.bands * near.rows), np.uint32)
@@ -157,7 +174,8 @@ def encode_shard(shard: Shard, spec: PreprocessSpec, text_field: str, num_shards
     tokenizer, info = _tokenizer(tokenizer_uri)
     eos_id, dtype = info["eos_id"], token_dtype(info["vocab_size"])
     dropped = set(read_shard_positions(out, drop_keys, shard.index, num_shards).tolist())
-    documents = _clean_documents(ShardReader(shard, text_field), spec, Counter(), [])
+    kept_records = np.unpackbits(np.frombuffer(out.read_bytes(scan_kept_key(shard.index)), np.uint8)).astype(bool)
+    documents = _kept_documents(ShardReader(shard, text_field), spec, kept_records)
     kept = ((text, digest_hash(document_digest(text))) for pos, text in enumerate(documents) if pos not in dropped)
     streams: dict[str, list[int]] = {"train": [], "val": []}
     num_documents = 0

@@ -400,3 +400,16 @@ def test_preprocess_counts_each_rule_drops_by_name(start_ray, tmp_path):
     drops = {name: n for name, n in manifest["drops"].items() if name != "duplicate"}
     assert drops == expected
     assert manifest["num_documents"] == len(documents) - sum(manifest["drops"].values())
+
+    # C4's line edits reach the tokens: the kept documents, cleaned, tokenized by the stage's tokenizer.
+    from transformers import AutoTokenizer
+
+    from jobs.text import clean_lines
+
+    out = open_storage(record.stages["corpus"].output_uri)
+    out.download_prefix("tokenizer", str(tmp_path / "tok"))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    kept = [normalize(t, NormalizeSpec()) for t in documents if not rejection_reason(normalize(t, NormalizeSpec()), spec)]
+    cleaned = list(dict.fromkeys(clean_lines(t, spec) for t in kept))
+    assert sum(c != t for c, t in zip(cleaned, kept)) > 0  # some documents lost lines
+    assert manifest["num_tokens"] == sum(len(tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in cleaned)
