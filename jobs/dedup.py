@@ -38,6 +38,12 @@ def digest_hash(digest: bytes) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def is_validation(key_hash: int, validation_fraction: float) -> bool:
+    """Deterministic train/validation split by document content (its key's first 64 bits),
+    independent of sharding; monotone: a document held out at a fraction stays held out at a larger one."""
+    return (key_hash >> 40) / float(1 << 24) < validation_fraction
+
+
 def key_records(digests: list[bytes]) -> np.ndarray:
     """KEY_RECORDs of a shard's surviving documents, in document order (`pos` = index)."""
     parts = np.frombuffer(b"".join(digests), _DIGEST)

@@ -32,14 +32,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from jobs.commit import read_commit, upload_and_commit, verify_commit
-from jobs.dedup import document_digest, digest_hash, key_records
+from jobs.dedup import document_digest, digest_hash, is_validation, key_records
 from jobs.faults import crash_point, journal_task
 from jobs.fields import operational, output
 from jobs.near_dedup import NearDedupSpec, band_records, minhash, permutations
 from jobs.shuffle import read_shard_positions, write_slotted
 from jobs.sources import BadRecord, Shard, ShardReader
 from jobs.storage import Storage, open_storage
-from jobs.text import FilterSpec, NormalizeSpec, clean_lines, is_validation, normalize, rejection_reason
+from jobs.text import FilterSpec, NormalizeSpec, clean_lines, normalize, rejection_reason
 from jobs.tokenizer import load_tokenizer
 
 MAX_BAD_RECORDS_KEPT = 1000  # per shard; all are counted, the first ones are quarantined verbatim

@@ -10,7 +10,6 @@ A document goes `normalize` -> `clean_lines` (C4's line rules, when the `c4` rul
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
 from typing import Literal
@@ -139,18 +138,3 @@ def clean_lines(text: str, spec: FilterSpec) -> str:
     if "c4" not in spec.rule_sets:
         return text
     return "\n".join(c4_lines(text, spec.c4)[0])
-
-
-def dedup_key(text: str) -> int:
-    """A 64-bit digest of the normalized text: exact dedup compares these, never the texts.
-
-    64 bits keep the driver's global table small (8 bytes a document); a false collision needs
-    ~4 billion distinct documents to become likely.
-    """
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-
-
-def is_validation(key: int, validation_fraction: float) -> bool:
-    """Deterministic train/validation split by document content, independent of sharding."""
-    # The high bits of the key are independent of the low bits that hash tables use.
-    return (key >> 40) / float(1 << 24) < validation_fraction

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import string
 
 import boto3
 import pytest
 
 from jobs.sources import (BadRecord, Shard, ShardReader, SourceError, SourceSpec, list_source_files,
                           plan_shards)
-from jobs.text import FilterSpec, NormalizeSpec, dedup_key, is_validation, normalize, rejection_reason
+from jobs.text import FilterSpec, NormalizeSpec, normalize, rejection_reason
 
 # --- normalize ------------------------------------------------------------------------------
 
@@ -74,32 +73,6 @@ def test_rejection_reason_reports_the_first_failing_rule():
     assert rejection_reason("1 2", spec) == "too_short"
     assert rejection_reason("1 2 3 4 5 6", spec) == "low_alpha"
     assert rejection_reason("12345678901", spec) == "too_few_words"
-
-
-# --- dedup key and the validation split ------------------------------------------------------
-
-def test_dedup_key_is_stable_64_bit():
-    # Hard-coded: a change of hash function would silently change dedup and the validation split.
-    assert dedup_key("hello world") == 5814608031911216775
-    assert dedup_key("h\u00e9llo") == 14677004421776497939
-    assert dedup_key("hello world") == dedup_key("hello " + "world")
-    assert dedup_key("hello world") != dedup_key("hello world ")
-    keys = {dedup_key(f"doc {i}") for i in range(1000)}
-    assert len(keys) == 1000 and all(0 <= k < 1 << 64 for k in keys)
-
-
-def test_is_validation_is_deterministic_and_close_to_the_fraction():
-    rng = random.Random(1234)
-    texts = ["".join(rng.choices(string.ascii_letters + " ", k=rng.randint(1, 40))) for _ in range(20_000)]
-    keys = [dedup_key(t) for t in texts]
-    for fraction in (0.01, 0.1, 0.5):
-        chosen = [is_validation(k, fraction) for k in keys]
-        assert chosen == [is_validation(k, fraction) for k in keys]
-        share = sum(chosen) / len(keys)
-        assert abs(share - fraction) < max(0.15 * fraction, 0.004), (fraction, share)
-    assert not any(is_validation(k, 0.0) for k in keys)
-    # monotone: a document held out at a fraction stays held out at a larger one
-    assert all(is_validation(k, 0.2) for k in keys if is_validation(k, 0.1))
 
 
 # --- sharding and reading -------------------------------------------------------------------
