@@ -284,7 +284,7 @@ def make_console(meter: CpuMeter, stage_name: str):
     return TimingConsole()
 
 
-def run_ours(data_dir: Path, variants: list[Variant], storage_dir: str, args) -> dict:
+def run_ours(data_dir: Path, variants: list[Variant], storage_dir: str, probe: SpeedProbe, args) -> dict:
     """Per variant: run1 (its first preprocess run; for the first variant right after the
     tokenizer stage, on cold workers), then `--repeat` reruns that change only validation_fraction."""
     import ray
@@ -319,9 +319,13 @@ def run_ours(data_dir: Path, variants: list[Variant], storage_dir: str, args) ->
                     storage=storage_dir, data=data_dir, vocab_size=args.vocab_size, sample_mb=args.sample_mb,
                     stage=stage_name, glob=v.glob, format=v.format, shard_mb=args.shard_mb[v.name],
                     validation_fraction=vf))
+                before = probe.speed()  # None before the tokenizer stage has run
                 t0 = time.perf_counter()
                 record = run_pipeline(spec, open_storage(f"file://{storage_dir}"), console=console)
                 wall = time.perf_counter() - t0
+                if probe.tok is None:
+                    probe.load(os.path.join(record.stages["tok"].output_uri.removeprefix("file://"), "tokenizer.json"))
+                after = probe.speed()
                 stage = record.stages[stage_name]
                 assert stage.status == "succeeded" and not stage.cached, stage
                 if v is not variants[0] or k:
@@ -339,10 +343,50 @@ def run_ours(data_dir: Path, variants: list[Variant], storage_dir: str, args) ->
                     "cpu": meter.delta(*console.stage_cpu),
                     "output_uri": stage.output_uri,
                     "tok_output_uri": record.stages["tok"].output_uri,
+                    "probe": (after + before) / 2 if before else after,
                 }
     finally:
         ray.shutdown()
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# Speed probe: this host's speed drifts (the same loop ran at 550k and 920k tokens/s a quarter of
+# an hour apart, with no other load), so each measurement is bracketed by a short fixed loop
+# --------------------------------------------------------------------------------------------
+
+PROBE_DOCS = 400  # ~0.4 MB of the corpus: ~0.2 s per probe
+
+
+class SpeedProbe:
+    """Single-threaded `encode_batch_fast` tokens/s over a fixed slice of the corpus, taken right
+    before and after a measurement: dividing a rate by it compares rates taken at different moments."""
+
+    def __init__(self, docs: list[str]):
+        self.docs = docs[:PROBE_DOCS]
+        self.tok = None
+
+    def load(self, tokenizer_file: str) -> None:
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(tokenizer_file)
+        self.speed()  # warm-up
+
+    def speed(self) -> float | None:
+        if self.tok is None:
+            return None
+        t0 = time.perf_counter()
+        tokens = sum(len(e) for i in range(0, len(self.docs), BATCH)
+                     for e in self.tok.encode_batch_fast(self.docs[i:i + BATCH], add_special_tokens=False))
+        return tokens / (time.perf_counter() - t0)
+
+    def around(self, fn, *args) -> dict:
+        """fn(*args)'s result with the probe's mean speed before and after it, as 'probe'."""
+        before = self.speed()
+        result = fn(*args)
+        speeds = [x for x in (before, self.speed()) if x is not None]
+        result["probe"] = sum(speeds) / len(speeds)
+        return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,7 +503,7 @@ def breakdown(data_dir: Path, corpus_uri: str, shard_mb: float, profile: bool) -
     a machine that others share, that is the estimate least inflated by their load.
     """
     from jobs.dedup import document_digest
-    from jobs.preprocess import PreprocessSpec, _clean_documents, _tokenizer, encode_shard, scan_shard
+    from jobs.preprocess import PreprocessSpec, _judged_documents, _tokenizer, encode_shard, scan_shard
     from jobs.sources import Shard, ShardReader, SourceSpec, list_source_files, plan_shards
     from jobs.storage import open_storage
     from jobs.text import normalize
@@ -474,9 +518,9 @@ def breakdown(data_dir: Path, corpus_uri: str, shard_mb: float, profile: bool) -
     try:
         out = open_storage(f"file://{tmp}")
         raw = [item[1] for item in ShardReader(piece, "text")]
-        texts = list(_clean_documents(ShardReader(piece, "text"), spec, Counter(), []))
+        texts = list(_judged_documents(ShardReader(piece, "text"), spec, Counter(), [], []))
 
-        def encode():  # keeping every document: no dedup reduce ran
+        def encode():  # every document the scan (run before it, below) kept: no dedup reduce ran
             for info in out.list("data/"):  # encode_shard skips a shard that is already committed
                 out.delete(info.key)
             return encode_shard(piece, spec, "text", 1, [], tokenizer_uri, out)
@@ -484,7 +528,7 @@ def breakdown(data_dir: Path, corpus_uri: str, shard_mb: float, profile: bool) -
         pieces = {
             "read_parse_s": lambda: [item for item in ShardReader(piece, "text")],
             "normalize_s": lambda: [normalize(t, spec.normalize) for t in raw],
-            "read_parse_clean_s": lambda: list(_clean_documents(ShardReader(piece, "text"), spec, Counter(), [])),
+            "read_parse_clean_s": lambda: list(_judged_documents(ShardReader(piece, "text"), spec, Counter(), [], [])),
             "dedup_key_s": lambda: [document_digest(t) for t in texts],
             "scan_s": lambda: scan_shard(piece, spec, "text", out),
             "encode_s": encode,
@@ -504,7 +548,7 @@ def breakdown(data_dir: Path, corpus_uri: str, shard_mb: float, profile: bool) -
             for name, fn, fargs in (("scan_shard", scan_shard, (shard, spec, "text", out)),
                                     ("encode_shard", encode_shard,
                                      (shard, spec, "text", 1, [], tokenizer_uri, out))):
-                for info in out.list(""):
+                for info in out.list("data/"):  # the scan's outputs stay: encode_shard reads them
                     out.delete(info.key)
                 profiler = cProfile.Profile()
                 profiler.runcall(fn, *fargs)
@@ -555,7 +599,8 @@ def main(argv=None) -> int:
     storage_dir = tempfile.mkdtemp(prefix="bench-preprocess-")
     datatrove_log = os.path.join(tempfile.gettempdir(), f"bench-preprocess-datatrove-{os.getpid()}.log")
     try:
-        ours = run_ours(data_dir, variants, storage_dir, args)
+        probe = SpeedProbe(read_documents(jsonl_files[:1]))
+        ours = run_ours(data_dir, variants, storage_dir, probe, args)
         first = ours[variants[0].name]["run1"]
         tok_dir = first["tok_output_uri"].removeprefix("file://")
         tokenizer_file = os.path.join(tok_dir, "tokenizer.json")
@@ -567,14 +612,15 @@ def main(argv=None) -> int:
         ideals, dss, dts = [], {v.name: [] for v in variants}, {v.name: [] for v in variants}
         for k in range(max(args.repeat, 1)):
             print(f"  ideal #{k + 1}: bare encode_batch_fast, one thread")
-            ideals.append(run_ideal(docs, tokenizer_file))
+            ideals.append(probe.around(run_ideal, docs, tokenizer_file))
             for v in variants:
                 print(f"  datasets {v.name} #{k + 1}: load_dataset + map(batched=True, num_proc={args.workers})")
-                dss[v.name].append(run_datasets(v, tokenizer_file, eos_id, args.workers))
+                dss[v.name].append(probe.around(run_datasets, v, tokenizer_file, eos_id, args.workers))
                 if has_datatrove:
                     print(f"  datatrove {v.name} #{k + 1}: reader + DocumentTokenizer, {len(v.files)} tasks, "
                           f"{args.workers} workers (its log: {datatrove_log})")
-                    dts[v.name].append(run_datatrove(v, tokenizer_file, eos_token, args.workers, datatrove_log))
+                    dts[v.name].append(probe.around(run_datatrove, v, tokenizer_file, eos_token, args.workers,
+                                                    datatrove_log))
         print("  ideal (as the issue words it): bare encode_batch (with offsets), one thread")
         ideal_offsets = run_ideal(docs, tokenizer_file, "encode_batch")
         del docs
@@ -651,6 +697,19 @@ def main(argv=None) -> int:
         if dt:
             print(f"ours / datatrove = {ours_rate / dt_rate:.3f}   (end to end {e2e_rate / dt_rate:.3f}; "
                   f"run 1 {stage_rates['run1'] / dt_rate:.3f})")
+
+        # The same ratios with each rate divided by the probe's speed around it (tokens/s per probe
+        # tokens/s): what the ratios would be had the host kept one speed.
+        norm_ours = max(ours_tokens / r["stage_s"] / r["probe"] for r in runs.values())
+        norm_ideal = max(i["tokens"] / i["wall_s"] * w / i["probe"] for i in ideals)
+        norm_ds = max(ours_tokens / d["wall_s"] / d["probe"] for d in dss[v.name])
+        probes = [r["probe"] for r in list(runs.values()) + ideals + dss[v.name] + dt]
+        print(f"speed-normalized (each rate / the probe's single-thread tokens/s around it; probe "
+              f"{min(probes):,.0f}-{max(probes):,.0f}): ours / ideal = {norm_ours / norm_ideal:.3f}, "
+              f"ours / datasets = {norm_ours / norm_ds:.3f}"
+              + (f", ours / datatrove = {norm_ours / max(ours_tokens / d['wall_s'] / d['probe'] for d in dt):.3f}"
+                 if dt else ""))
+        best[v.name]["normalized"] = {"ours": norm_ours, "ideal": norm_ideal, "datasets": norm_ds}
 
         # CPU view: tokens per CPU-second of everything each contender ran (ours: workers + Ray's
         # daemons + driver). Less sensitive to others' load than wall clock, though not immune to it
