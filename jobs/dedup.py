@@ -54,6 +54,7 @@ def key_records(digests: list[bytes]) -> np.ndarray:
 
 
 def exact_drops_key(part: int, parts: int) -> str:
+    """The object listing, by shard, the positions of the duplicates in key range `part` of `parts`."""
     return f"dedup/exact-{parts:04d}-{part:04d}.bin"
 
 
@@ -61,9 +62,7 @@ def find_exact_duplicates(storage: Storage, scan_keys: list[str], part: int, par
     """Reduce task `part` of `parts`: write the positions of every duplicate in its key range,
     by shard; returns how many there are. `scan_keys[s]` is shard s's key file."""
     journal_task("dedup", part)
-    ranges = read_partition(storage, scan_keys, KEY_RECORD, part, parts)
-    records = np.concatenate(ranges) if ranges else np.zeros(0, KEY_RECORD)
-    shards = np.repeat(np.arange(len(ranges), dtype=np.uint32), [len(r) for r in ranges])
+    records, shards = read_partition(storage, scan_keys, KEY_RECORD, part, parts)
     # Equal keys sort together, first in corpus (shard, position) order: every later one is a duplicate.
     order = np.lexsort((records["pos"], shards, records["low"], records["hash"]))
     hashes, lows = records["hash"][order], records["low"][order]

@@ -9,7 +9,8 @@
    (the MinHash estimate of their Jaccard similarity).
 3. Components, one task: the edges' connected components; the first document of each cluster in
    corpus order is kept, every other one is dropped as `near_duplicate` unless exact dedup
-   dropped it already. Its memory grows with the near-duplicates, not with the corpus.
+   dropped it already. Its memory grows with the duplicates (near and exact: 16 bytes a pair, one
+   pair per duplicate in each hash range that holds one of its bands), not with the corpus.
 
 Two documents with Jaccard similarity s share a band with probability 1 - (1 - s^rows)^bands: for
 the defaults (14 × 8, datatrove's) about 0.92 at s = 0.8 and 0.01 at s = 0.5.
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from jobs.faults import crash_point, journal_task
 from jobs.fields import output
-from jobs.shuffle import read_partition, read_shard_positions, write_by_shard
+from jobs.shuffle import READ_THREADS, read_partition, read_shard_positions, write_by_shard
 from jobs.storage import Storage
 
 
@@ -47,8 +48,8 @@ class NearDedupSpec(BaseModel):
     threshold: float | None = output(None, gt=0.0, le=1.0)
     """Keep a candidate pair only if its signatures agree in at least this share of values (an
     estimate of Jaccard similarity); null keeps every candidate pair, as datatrove does."""
-    seed: int = output(1)
-    """Seed of the MinHash permutations."""
+    seed: int = output(1, ge=0)
+    """Seed of the MinHash permutations (≥ 0)."""
 
 
 BAND_RECORD = np.dtype([("hash", "<u8"), ("pos", "<u4"), ("band", "<u2")])
@@ -80,9 +81,11 @@ def shingle_hashes(text: str, spec: NearDedupSpec) -> np.ndarray:
 
 def permutations(spec: NearDedupSpec) -> tuple[np.ndarray, np.ndarray]:
     """The (a, b) of h -> (a·h + b) mod (2^61 - 1), one pair per signature value."""
-    rng = np.random.default_rng(spec.seed)
+    # SeedSequence's output is fixed across NumPy versions (a Generator's streams are not): the
+    # same seed must give the same signatures on every worker, in every future run.
     size = spec.bands * spec.rows
-    return rng.integers(1, 1 << 32, size, dtype=np.uint64), rng.integers(0, 1 << 32, size, dtype=np.uint64)
+    state = np.random.SeedSequence(spec.seed).generate_state(2 * size, np.uint32).astype(np.uint64)
+    return np.maximum(state[:size], np.uint64(1)), state[size:]
 
 
 def signature(hashes: np.ndarray, perms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -129,6 +132,7 @@ def node_ids(shards: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 
 def near_edges_key(part: int, parts: int) -> str:
+    """The object holding hash range `part` of `parts`'s candidate pairs (uint64 node id pairs)."""
     return f"dedup/near-edges-{parts:04d}-{part:04d}.bin"
 
 
@@ -138,19 +142,22 @@ NEAR_DROPS_KEY = "dedup/near-drops.bin"
 def find_candidate_pairs(storage: Storage, band_keys: list[str], signature_keys: list[str] | None,
                          spec: NearDedupSpec, part: int, parts: int) -> int:
     """Reduce task `part` of `parts`: write the candidate pairs (node id pairs) of its hash range,
-    verified against `threshold` when there is one; returns how many there are."""
+    verified against `threshold` when there is one; returns how many there are. A band bucket's
+    pairs are its first document with each other one, and with a threshold also each member with
+    the one before it (not all pairs: a bucket of exact copies can hold thousands)."""
     journal_task("near", part)
-    ranges = read_partition(storage, band_keys, BAND_RECORD, part, parts)
-    records = np.concatenate(ranges) if ranges else np.zeros(0, BAND_RECORD)
-    shards = np.repeat(np.arange(len(ranges), dtype=np.uint32), [len(r) for r in ranges])
+    records, shards = read_partition(storage, band_keys, BAND_RECORD, part, parts)
     order = np.lexsort((records["pos"], shards, records["hash"], records["band"]))
     band, hashes = records["band"][order], records["hash"][order]
     nodes = node_ids(shards[order], records["pos"][order])
     same = np.zeros(len(order), dtype=bool)
     same[1:] = (band[1:] == band[:-1]) & (hashes[1:] == hashes[:-1])
     first = np.maximum.accumulate(np.where(same, 0, np.arange(len(order))))  # each bucket's first member
-    edges = np.unique(np.stack([nodes[first[same]], nodes[same]], axis=1), axis=0) if same.any() \
-        else np.zeros((0, 2), np.uint64)
+    members = np.flatnonzero(same)
+    pairs = [np.stack([nodes[first[members]], nodes[members]], axis=1)]  # a star: enough to connect a bucket
+    if spec.threshold is not None:  # ...unless a pair fails the check: a chain too, so a pair
+        pairs.append(np.stack([nodes[members - 1], nodes[members]], axis=1))  # of later members meets
+    edges = np.unique(np.concatenate(pairs), axis=0)
     if spec.threshold is not None and len(edges):
         edges = edges[_agreement(storage, signature_keys, edges, spec) >= spec.threshold]
     crash_point("near", part)
@@ -175,7 +182,7 @@ def _agreement(storage: Storage, signature_keys: list[str], edges: np.ndarray, s
                                  _SIGNATURE).reshape(-1, width)
             signatures[where[run]] = rows[positions[run] - lo]
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(READ_THREADS) as pool:
         list(pool.map(read, np.unique(shard_of).tolist()))
     index = np.searchsorted(nodes, edges)
     return (signatures[index[:, 0]] == signatures[index[:, 1]]).mean(axis=1)
@@ -185,7 +192,10 @@ def near_duplicate_drops(storage: Storage, edge_keys: list[str], exact_drop_keys
     """The components task: drop every document of a cluster but its first (in corpus order),
     except those exact dedup drops already; returns how many it drops."""
     journal_task("clusters", 0)
-    edges = np.concatenate([np.frombuffer(storage.read_bytes(k), "<u8") for k in edge_keys]).reshape(-1, 2)
+    # A pair is written once for each band it shares (in other hash ranges): unique per file keeps
+    # the peak near one copy of each pair.
+    edges = np.unique(np.concatenate([np.unique(np.frombuffer(storage.read_bytes(k), "<u8").reshape(-1, 2), axis=0)
+                                      for k in edge_keys]), axis=0)
     nodes, index = np.unique(edges, return_inverse=True)
     u, v = index.reshape(-1, 2).T
     labels = np.arange(len(nodes))

@@ -322,6 +322,16 @@ def gopher_repetition_failure(doc: Document, spec: GopherRepetitionSpec) -> str 
 
 # C4 (Raffel et al. 2020, 2.2) and tensorflow_datasets' c4_utils.py, which datatrove follows.
 _C4_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")  # Wikipedia's markers
+
+
+def _without_citations(line: str) -> str:
+    """Until none is left: removing `[1]` from `[[1]]` leaves `[]`, which a second look removes, so
+    cleaning a cleaned text changes nothing."""
+    while True:
+        cleaned = _C4_CITATION.sub("", line).strip()
+        if cleaned == line:
+            return cleaned
+        line = cleaned
 # "a terminal punctuation mark (i.e. a period, exclamation mark, question mark, or end quotation
 # mark)": c4_utils and datatrove check '"' and "'"; the typographic closing quotes are added here.
 _C4_TERMINAL = (".", "!", "?", '"', "'", "”", "’")
@@ -381,7 +391,7 @@ def c4_lines(text: str, spec: C4Spec) -> tuple[list[str], str | None]:
         if citations and "[" in line:
             # Removed before the word count (as c4_utils; datatrove counts first), so that a
             # second pass over the kept lines counts the same words.
-            line = _C4_CITATION.sub("", line).strip()
+            line = _without_citations(line)
         if terminal and (not line.endswith(_C4_TERMINAL) or line.endswith("...")):
             continue
         if not line or len(line.split(maxsplit=min_words)) < min_words:

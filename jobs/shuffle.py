@@ -28,12 +28,13 @@ NUM_SLOTS = 1 << SLOT_BITS
 _OFFSET = np.dtype("<u8")
 _POSITION = np.dtype("<u4")
 _HEADER_BYTES = (NUM_SLOTS + 1) * _OFFSET.itemsize
-_READ_THREADS = 8  # ranged reads in flight per reduce or encode task (S3 latency, not bandwidth, bounds them)
+READ_THREADS = 8  # ranged reads in flight per reduce or encode task (S3 latency, not bandwidth, bounds them)
 
 
 def num_partitions(num_records: int, records_per_partition: int) -> int:
-    """The fewest power-of-two partitions (at most NUM_SLOTS) holding at most
-    `records_per_partition` records each on average: the hash spreads records evenly."""
+    """The fewest power-of-two partitions holding at most `records_per_partition` records each on
+    average (the hash spreads records evenly), up to NUM_SLOTS: past NUM_SLOTS × records_per_partition
+    records (16 billion at dedup_keys_per_task's default) each partition holds more."""
     wanted = max(1, -(-num_records // max(records_per_partition, 1)))
     return min(NUM_SLOTS, 1 << (wanted - 1).bit_length())
 
@@ -48,8 +49,9 @@ def write_slotted(out: Storage, key: str, records: np.ndarray) -> None:
 
 
 def read_partition(storage: Storage, keys: list[str], dtype: np.dtype, part: int,
-                   parts: int) -> list[np.ndarray]:
-    """Partition `part` of `parts` (a power of two) of each slotted object in `keys`."""
+                   parts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Partition `part` of `parts` (a power of two) of the slotted objects `keys`, one per shard:
+    (the records, concatenated in shard order; each record's shard index)."""
     per_part = NUM_SLOTS // parts
 
     def read(key: str) -> np.ndarray:
@@ -59,8 +61,10 @@ def read_partition(storage: Storage, keys: list[str], dtype: np.dtype, part: int
         start, end = (_HEADER_BYTES + int(b) * dtype.itemsize for b in (bounds[0], bounds[-1]))
         return np.frombuffer(storage.read_range(key, start, end), dtype) if end > start else np.zeros(0, dtype)
 
-    with ThreadPoolExecutor(_READ_THREADS) as pool:
-        return list(pool.map(read, keys))
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        ranges = list(pool.map(read, keys))
+    records = np.concatenate(ranges) if ranges else np.zeros(0, dtype)
+    return records, np.repeat(np.arange(len(ranges), dtype=np.uint32), [len(r) for r in ranges])
 
 
 def write_by_shard(out: Storage, key: str, shards: np.ndarray, positions: np.ndarray, num_shards: int) -> None:
@@ -83,7 +87,7 @@ def read_shard_positions(storage: Storage, keys: list[str], shard: int, num_shar
                                   header_bytes + int(end) * _POSITION.itemsize)
         return np.frombuffer(data, _POSITION)
 
-    with ThreadPoolExecutor(_READ_THREADS) as pool:
+    with ThreadPoolExecutor(READ_THREADS) as pool:
         parts = list(pool.map(read, keys))
     return np.sort(np.concatenate(parts)) if parts else np.zeros(0, _POSITION)
 

@@ -303,7 +303,7 @@ def _arrow_values(shard: Shard, text_field: str) -> Iterator[tuple[int, object]]
         try:
             # `datasets` writes IPC streams; an IPC file (Feather v2) begins with ARROW1
             reader = pa.ipc.open_file(stream) if stream.peek(6)[:6] == b"ARROW1" else pa.ipc.open_stream(stream)
-        except pa.ArrowInvalid as e:
+        except (pa.ArrowInvalid, OSError) as e:  # OSError: a truncated file
             raise SourceError(f"{shard.uri}: not a readable Arrow file ({e}); check the file or the source's "
                               "format") from e
         if isinstance(reader, pa.ipc.RecordBatchFileReader):

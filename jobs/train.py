@@ -104,6 +104,8 @@ def train(job: TrainJob) -> TrainResult:
     with speed_context:
         history = _train_steps(engine, spec, data, order, start_step, rank, world, device, report, metrics,
                                throughput, tensorboard, checkpoint)
+        if isinstance(order, MixtureOrder):  # also when a resume starts at the last step
+            metrics["tokens_per_source"] = _tokens_per_source(order, data, spec.steps)
         probe = torch.from_numpy(data.batch(order.indices(0, 0, rank))[0][:1]).to(device)  # one sequence
         engine_logits = _logits(engine, probe)  # collective under ZeRO-3: every rank runs it
 
@@ -185,10 +187,8 @@ def _train_steps(engine, spec: TrainSpec, data, order: BatchOrder, start_step: i
                                peak_memory_gib=_peak_memory(device) / 2**30,
                                **throughput.of(window_steps * throughput.tokens_per_step / elapsed))
                 history.append([done, metrics["loss"]])
-                if isinstance(order, MixtureOrder):  # a function of the step: exact after a resume too
-                    metrics["tokens_per_source"] = {
-                        name: count * data.seq_len
-                        for name, count in zip(data.names, order.sequences_per_source(done * order.global_batch))}
+                if isinstance(order, MixtureOrder):
+                    metrics["tokens_per_source"] = _tokens_per_source(order, data, done)
                 if rank == 0:
                     report(dict(metrics))
                     for name in _TENSORBOARD_SCALARS:
@@ -198,6 +198,12 @@ def _train_steps(engine, spec: TrainSpec, data, order: BatchOrder, start_step: i
                         tensorboard.add_scalar(f"data/tokens_{source}", tokens, done)
                 window_start, window_steps, window_loss = new_window()
     return history
+
+
+def _tokens_per_source(order: MixtureOrder, data, steps: int) -> dict[str, int]:
+    """Tokens each source gave the first `steps` steps: a function of the step, so exact after a resume too."""
+    counts = order.sequences_per_source(steps * order.global_batch)
+    return {name: count * data.seq_len for name, count in zip(data.names, counts)}
 
 
 _TENSORBOARD_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tflops_per_device", "peak_memory_gib")

@@ -69,7 +69,6 @@ def test_the_number_of_key_ranges_is_a_power_of_two_bounded_by_the_slots():
 
 def test_keys_are_128_bit_and_stable():
     # Hard-coded: a change of hash function would silently change dedup and the validation split.
-    assert document_digest("hello world").hex() == document_digest("hello " + "world").hex()
     assert len(document_digest("x")) == 16
     assert document_digest("hello world") != document_digest("hello world ")
     assert document_digest("hello world").hex() == HELLO_WORLD

@@ -11,7 +11,7 @@ import pytest
 
 from jobs.dedup import document_digest, exact_drops_key, find_exact_duplicates, key_records
 from jobs.near_dedup import (NEAR_DROPS_KEY, NearDedupSpec, band_records, find_candidate_pairs, minhash,
-                             near_duplicate_drops, near_edges_key, permutations)
+                             near_duplicate_drops, near_edges_key, node_ids, permutations)
 from jobs.shuffle import read_shard_positions, write_slotted
 from jobs.storage import open_storage
 
@@ -130,3 +130,24 @@ def test_a_document_without_shingles_is_never_a_near_duplicate():
     spec = NearDedupSpec()
     assert minhash("... !!! ...", spec, permutations(spec))[1] is False
     assert minhash("two words", spec, permutations(spec))[1] is True  # shorter than a shingle: one shingle
+
+
+def test_clusters_are_connected_components_that_keep_their_first_document(tmp_path):
+    storage = open_storage(f"file://{tmp_path}")
+    node = lambda shard, pos: int(node_ids(np.array([shard]), np.array([pos]))[0])  # noqa: E731
+    chain = [node(2, 5), node(0, 9), node(1, 0), node(0, 3), node(2, 1)]  # first in corpus order: (0, 3)
+    pairs = [(chain[i], chain[i + 1]) for i in range(len(chain) - 1)]  # only neighbours are linked
+    pairs += [(node(1, 7), node(1, 8)), (node(1, 8), node(1, 7))]  # a second cluster, the pair twice
+    halves = [pairs[:3], pairs[3:]]  # as two hash ranges wrote them
+    for p, half in enumerate(halves):
+        storage.write_bytes(near_edges_key(p, 2), np.array(half, dtype="<u8").tobytes())
+    assert near_duplicate_drops(storage, [near_edges_key(p, 2) for p in range(2)], [], 3) == 5
+    drops = {(s, int(pos)) for s in range(3) for pos in read_shard_positions(storage, [NEAR_DROPS_KEY], s, 3)}
+    assert drops == {(2, 5), (0, 9), (1, 0), (2, 1), (1, 8)}
+
+
+def test_the_seed_must_not_be_negative():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="seed"):
+        NearDedupSpec(seed=-1)

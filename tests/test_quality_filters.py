@@ -250,11 +250,13 @@ def test_c4_without_terminal_punctuation_as_fineweb_runs_it():
 
 
 def test_c4_verdict_is_the_same_before_and_after_clean_lines():
-    documents = generate_documents(300, 3) + [C4_PAGE, "No.\nYes it is.\n\n[1][2]", "x [[1]2] y z."]
+    nested = " ".join(["A good sentence with words in it."] * 4) + "\nyes [[1]] no."  # [[1]] -> [] -> nothing
+    documents = generate_documents(300, 3) + [C4_PAGE, "No.\nYes it is.\n\n[1][2]", "x [[1]2] y z.", nested]
     for rule_sets in (["c4"], ["gopher_quality", "c4", "fineweb"]):
         spec = FilterSpec(rule_sets=rule_sets)
         for text in documents:
             assert rejection_reason(clean_lines(text, spec), spec) == rejection_reason(text, spec), text
+            assert clean_lines(clean_lines(text, spec), spec) == clean_lines(text, spec), text
 
 
 # --- FineWeb (Penedo et al. 2024, 3.5) --------------------------------------------------------------

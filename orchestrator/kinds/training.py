@@ -105,8 +105,8 @@ def stage_or_mixture(value):
             where = ".".join(str(part) for part in (f"data[{i}]", *error["loc"]))
             raise ValueError(f"{where}: {error['msg']}; give {{stage: NAME, weight: W}} with W > 0") from None
         if not 0 < source.weight < float("inf"):
-            raise ValueError(f"data[{i}].weight: {source.weight:g} is not > 0; every source's weight must be a "
-                             "positive number (drop a source to leave it out)")
+            raise ValueError(f"data[{i}].weight: {source.weight:g}; a weight must be a finite number > 0 "
+                             "(drop a source to leave it out)")
         sources.append(source)
     names = [s.stage for s in sources]
     if len(set(names)) < len(names):

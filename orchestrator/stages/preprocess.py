@@ -45,7 +45,7 @@ def run(ctx: StageContext) -> StageOutput:
     scanned = {o.key for o in out.list("scan/")}
     todo = [s for s in shards if scan_meta_key(s.index) not in scanned]
     _run_tasks(ctx, scan_shard, [(s, spec, spec.source.text_field, out) for s in todo], len(shards), "scan")
-    num_kept, drops = _scan_counts(ctx.name, spec, out, shards)
+    num_kept, drops, quarantine = _scan_summary(ctx.name, spec, out, shards)
     exact_keys = _exact_dedup(ctx, shards, sum(num_kept))
     if exact_keys:
         drops["duplicate"] = sum(num_listed(out, key, len(shards)) for key in exact_keys)
@@ -53,11 +53,6 @@ def run(ctx: StageContext) -> StageOutput:
     if near_keys:
         drops["near_duplicate"] = num_listed(out, NEAR_DROPS_KEY, len(shards))
     drop_keys = exact_keys + near_keys
-    if sum(num_kept) == drops["duplicate"] + drops["near_duplicate"]:
-        raise UserError(
-            f"stages.{ctx.name}: no document is left after filtering ({sum(num_kept) + sum(drops.values())} records "
-            f"read; dropped: {dict(drops)}); loosen stages.{ctx.name}.filters or check the source"
-        )
 
     tokenizer_uri = out.sub("tokenizer").uri
     committed = {o.key for o in out.list("data/")}
@@ -69,7 +64,6 @@ def run(ctx: StageContext) -> StageOutput:
     commits = [json.loads(raw) for raw in raw_commits]
     info = json.loads(out.read_bytes("tokenizer/info.json"))
     manifest = _manifest(spec, shards, commits, drops, info)
-    quarantine = _quarantine_lines(shards, out)
     out.write_bytes("quarantine.jsonl", quarantine)
     manifest_bytes = json.dumps(manifest, indent=2).encode()
     out.write_bytes("manifest.json", manifest_bytes)
@@ -133,18 +127,27 @@ def _stage_tokenizer(ctx: StageContext) -> dict:
         return {f"tokenizer/{n}": file_entry(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
 
 
-def _scan_counts(name: str, spec, out, shards: list[Shard]) -> tuple[list[int], Counter]:
-    """Each shard's surviving documents and the drops by reason, from the scans' metadata."""
+def _scan_summary(name: str, spec, out, shards: list[Shard]) -> tuple[list[int], Counter, bytes]:
+    """From the scans' metadata: each shard's surviving documents, the drops by reason, and the
+    quarantine file (bad records with their line number in the file: shards count from their start)."""
     drops: Counter = Counter()
-    num_kept = []
+    num_kept, lines, line_base = [], [], Counter()
     for shard in shards:
         meta = load_scan_meta(out, shard.index)
         drops.update(meta["drops"])
         num_kept.append(meta["num_kept"])
+        for bad in meta["bad"]:
+            record = BadRecord(**bad)
+            lines.append(json.dumps({"source": shard.uri, "line": line_base[shard.uri] + record.line,
+                                     "offset": record.offset, "reason": record.reason, "excerpt": record.excerpt}))
+        line_base[shard.uri] += meta["num_lines"]
     num_records = sum(num_kept) + sum(drops.values())
     if num_records and drops.get("missing_field", 0) == num_records:
         raise UserError(f"stages.{name}.source.text_field: {spec.source.text_field!r} is missing in every record")
-    return num_kept, drops
+    if not sum(num_kept):  # dedup always keeps a first copy: only the filters can leave nothing
+        raise UserError(f"stages.{name}: no document is left after filtering ({num_records} records read; dropped: "
+                        f"{dict(drops)}); loosen stages.{name}.filters or check the source")
+    return num_kept, drops, "".join(line + "\n" for line in lines).encode()
 
 
 def _exact_dedup(ctx: StageContext, shards: list[Shard], num_keys: int) -> list[str]:
@@ -202,16 +205,3 @@ def _manifest(spec, shards: list[Shard], commits: list[dict], drops: Counter, in
         "splits": splits,
         "quarantine": "quarantine.jsonl",
     }
-
-
-def _quarantine_lines(shards: list[Shard], out) -> bytes:
-    """Bad records with their line number in the file (shards report lines relative to themselves)."""
-    lines, line_base = [], Counter()
-    for shard in shards:
-        meta = load_scan_meta(out, shard.index)
-        for bad in meta["bad"]:
-            record = BadRecord(**bad)
-            lines.append(json.dumps({"source": shard.uri, "line": line_base[shard.uri] + record.line,
-                                     "offset": record.offset, "reason": record.reason, "excerpt": record.excerpt}))
-        line_base[shard.uri] += meta["num_lines"]
-    return "".join(line + "\n" for line in lines).encode()
