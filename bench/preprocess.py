@@ -284,7 +284,7 @@ def make_console(meter: CpuMeter, stage_name: str):
     return TimingConsole()
 
 
-def run_ours(data_dir: Path, variants: list[Variant], storage_dir: str, probe: SpeedProbe, args) -> dict:
+def run_ours(data_dir: Path, variants: list[Variant], storage_dir: str, args) -> dict:
     """Per variant: run1 (its first preprocess run; for the first variant right after the
     tokenizer stage, on cold workers), then `--repeat` reruns that change only validation_fraction."""
     import ray
@@ -319,13 +319,9 @@ def run_ours(data_dir: Path, variants: list[Variant], storage_dir: str, probe: S
                     storage=storage_dir, data=data_dir, vocab_size=args.vocab_size, sample_mb=args.sample_mb,
                     stage=stage_name, glob=v.glob, format=v.format, shard_mb=args.shard_mb[v.name],
                     validation_fraction=vf))
-                before = probe.speed()  # None before the tokenizer stage has run
                 t0 = time.perf_counter()
                 record = run_pipeline(spec, open_storage(f"file://{storage_dir}"), console=console)
                 wall = time.perf_counter() - t0
-                if probe.tok is None:
-                    probe.load(os.path.join(record.stages["tok"].output_uri.removeprefix("file://"), "tokenizer.json"))
-                after = probe.speed()
                 stage = record.stages[stage_name]
                 assert stage.status == "succeeded" and not stage.cached, stage
                 if v is not variants[0] or k:
@@ -343,50 +339,10 @@ def run_ours(data_dir: Path, variants: list[Variant], storage_dir: str, probe: S
                     "cpu": meter.delta(*console.stage_cpu),
                     "output_uri": stage.output_uri,
                     "tok_output_uri": record.stages["tok"].output_uri,
-                    "probe": (after + before) / 2 if before else after,
                 }
     finally:
         ray.shutdown()
     return results
-
-
-# --------------------------------------------------------------------------------------------
-# Speed probe: this host's speed drifts (the same loop ran at 550k and 920k tokens/s a quarter of
-# an hour apart, with no other load), so each measurement is bracketed by a short fixed loop
-# --------------------------------------------------------------------------------------------
-
-PROBE_DOCS = 400  # ~0.4 MB of the corpus: ~0.2 s per probe
-
-
-class SpeedProbe:
-    """Single-threaded `encode_batch_fast` tokens/s over a fixed slice of the corpus, taken right
-    before and after a measurement: dividing a rate by it compares rates taken at different moments."""
-
-    def __init__(self, docs: list[str]):
-        self.docs = docs[:PROBE_DOCS]
-        self.tok = None
-
-    def load(self, tokenizer_file: str) -> None:
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_file(tokenizer_file)
-        self.speed()  # warm-up
-
-    def speed(self) -> float | None:
-        if self.tok is None:
-            return None
-        t0 = time.perf_counter()
-        tokens = sum(len(e) for i in range(0, len(self.docs), BATCH)
-                     for e in self.tok.encode_batch_fast(self.docs[i:i + BATCH], add_special_tokens=False))
-        return tokens / (time.perf_counter() - t0)
-
-    def around(self, fn, *args) -> dict:
-        """fn(*args)'s result with the probe's mean speed before and after it, as 'probe'."""
-        before = self.speed()
-        result = fn(*args)
-        speeds = [x for x in (before, self.speed()) if x is not None]
-        result["probe"] = sum(speeds) / len(speeds)
-        return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,8 +555,7 @@ def main(argv=None) -> int:
     storage_dir = tempfile.mkdtemp(prefix="bench-preprocess-")
     datatrove_log = os.path.join(tempfile.gettempdir(), f"bench-preprocess-datatrove-{os.getpid()}.log")
     try:
-        probe = SpeedProbe(read_documents(jsonl_files[:1]))
-        ours = run_ours(data_dir, variants, storage_dir, probe, args)
+        ours = run_ours(data_dir, variants, storage_dir, args)
         first = ours[variants[0].name]["run1"]
         tok_dir = first["tok_output_uri"].removeprefix("file://")
         tokenizer_file = os.path.join(tok_dir, "tokenizer.json")
@@ -612,15 +567,14 @@ def main(argv=None) -> int:
         ideals, dss, dts = [], {v.name: [] for v in variants}, {v.name: [] for v in variants}
         for k in range(max(args.repeat, 1)):
             print(f"  ideal #{k + 1}: bare encode_batch_fast, one thread")
-            ideals.append(probe.around(run_ideal, docs, tokenizer_file))
+            ideals.append(run_ideal(docs, tokenizer_file))
             for v in variants:
                 print(f"  datasets {v.name} #{k + 1}: load_dataset + map(batched=True, num_proc={args.workers})")
-                dss[v.name].append(probe.around(run_datasets, v, tokenizer_file, eos_id, args.workers))
+                dss[v.name].append(run_datasets(v, tokenizer_file, eos_id, args.workers))
                 if has_datatrove:
                     print(f"  datatrove {v.name} #{k + 1}: reader + DocumentTokenizer, {len(v.files)} tasks, "
                           f"{args.workers} workers (its log: {datatrove_log})")
-                    dts[v.name].append(probe.around(run_datatrove, v, tokenizer_file, eos_token, args.workers,
-                                                    datatrove_log))
+                    dts[v.name].append(run_datatrove(v, tokenizer_file, eos_token, args.workers, datatrove_log))
         print("  ideal (as the issue words it): bare encode_batch (with offsets), one thread")
         ideal_offsets = run_ideal(docs, tokenizer_file, "encode_batch")
         del docs
@@ -697,19 +651,6 @@ def main(argv=None) -> int:
         if dt:
             print(f"ours / datatrove = {ours_rate / dt_rate:.3f}   (end to end {e2e_rate / dt_rate:.3f}; "
                   f"run 1 {stage_rates['run1'] / dt_rate:.3f})")
-
-        # The same ratios with each rate divided by the probe's speed around it (tokens/s per probe
-        # tokens/s): what the ratios would be had the host kept one speed.
-        norm_ours = max(ours_tokens / r["stage_s"] / r["probe"] for r in runs.values())
-        norm_ideal = max(i["tokens"] / i["wall_s"] * w / i["probe"] for i in ideals)
-        norm_ds = max(ours_tokens / d["wall_s"] / d["probe"] for d in dss[v.name])
-        probes = [r["probe"] for r in list(runs.values()) + ideals + dss[v.name] + dt]
-        print(f"speed-normalized (each rate / the probe's single-thread tokens/s around it; probe "
-              f"{min(probes):,.0f}-{max(probes):,.0f}): ours / ideal = {norm_ours / norm_ideal:.3f}, "
-              f"ours / datasets = {norm_ours / norm_ds:.3f}"
-              + (f", ours / datatrove = {norm_ours / max(ours_tokens / d['wall_s'] / d['probe'] for d in dt):.3f}"
-                 if dt else ""))
-        best[v.name]["normalized"] = {"ours": norm_ours, "ideal": norm_ideal, "datasets": norm_ds}
 
         # CPU view: tokens per CPU-second of everything each contender ran (ours: workers + Ray's
         # daemons + driver). Less sensitive to others' load than wall clock, though not immune to it
