@@ -66,8 +66,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-
 DATA_ROOT = REPO / "bench" / ".data"
 NUM_FILES = 4
 SEED = 0

@@ -138,9 +138,9 @@ def open_decompressed(uri: str) -> io.BufferedIOBase:
 class ShardReader:
     """Iterates a shard's records: (line, text) for each good one, a BadRecord for each bad one.
 
-    After iteration, `num_lines` is the number of lines (jsonl/text) or records (parquet, arrow,
-    json) the shard owns, which the driver adds up to turn shard-relative numbers into numbers
-    within the file.
+    After iteration, `num_lines` is the number of lines (jsonl/text) or records (parquet, arrow)
+    the shard owns, which the driver adds up to turn shard-relative numbers into numbers within
+    the file (a json file is one shard: its record numbers are the file's already).
     """
 
     def __init__(self, shard: Shard, text_field: str):
