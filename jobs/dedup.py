@@ -33,14 +33,10 @@ def document_digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def digest_hash(digest: bytes) -> int:
-    """The key's first 64 bits, as KEY_RECORD's `hash` field holds them (the validation split uses them too)."""
-    return int.from_bytes(digest[:8], "little")
-
-
-def is_validation(key_hash: int, validation_fraction: float) -> bool:
-    """Deterministic train/validation split by document content (its key's first 64 bits),
-    independent of sharding; monotone: a document held out at a fraction stays held out at a larger one."""
+def is_validation(key_hash, validation_fraction: float):
+    """Deterministic train/validation split by document content (its key's first 64 bits, KEY_RECORD's
+    `hash`; an int, or an array of them for a bool array), independent of sharding; monotone: a
+    document held out at a fraction stays held out at a larger one."""
     return (key_hash >> 40) / float(1 << 24) < validation_fraction
 
 

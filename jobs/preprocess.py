@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from jobs.commit import read_commit, upload_and_commit, verify_commit
-from jobs.dedup import document_digest, digest_hash, is_validation, key_records
+from jobs.dedup import document_digest, is_validation, key_records
 from jobs.faults import crash_point, journal_task
 from jobs.fields import operational, output
 from jobs.near_dedup import NearDedupSpec, band_records, minhash, permutations
@@ -89,9 +89,15 @@ def scan_kept_key(index: int) -> str:
     return f"scan/shard-{index:05d}.kept"
 
 
+def scan_validation_key(index: int) -> str:
+    """One bit per surviving document of the shard: whether it is held out for validation."""
+    return f"scan/shard-{index:05d}.val"
+
+
 def scan_meta_key(index: int) -> str:
-    """Written after the shard's key file: its presence means the scan is done."""
-    return f"scan/shard-{index:05d}.json"
+    """Written after the shard's other scan files: its presence means the scan is done. (Named
+    `.meta.json` since the scan writes `.val` too: an older scan's `.json` is not taken as done.)"""
+    return f"scan/shard-{index:05d}.meta.json"
 
 
 def shard_commit_key(index: int) -> str:
@@ -144,7 +150,10 @@ def scan_shard(shard: Shard, spec: PreprocessSpec, text_field: str, out: Storage
             signatures.append(signature)
             has_shingles.append(has)
     out.write_bytes(scan_kept_key(shard.index), np.packbits(np.array(kept, dtype=bool)).tobytes())
-    write_slotted(out, scan_keys_key(shard.index), key_records(digests))
+    keys = key_records(digests)
+    # The split is decided here, where the keys are, so that the encode pass hashes nothing.
+    out.write_bytes(scan_validation_key(shard.index), np.packbits(is_validation(keys["hash"], spec.validation_fraction)).tobytes())
+    write_slotted(out, scan_keys_key(shard.index), keys)
     if near:
         signatures = np.stack(signatures) if signatures else np.zeros((0, near.bands * near.rows), np.uint32)
         write_slotted(out, scan_bands_key(shard.index), band_records(signatures, np.array(has_shingles, bool), near))
@@ -174,23 +183,29 @@ def encode_shard(shard: Shard, spec: PreprocessSpec, text_field: str, num_shards
     tokenizer, info = _tokenizer(tokenizer_uri)
     eos_id, dtype = info["eos_id"], token_dtype(info["vocab_size"])
     dropped = set(read_shard_positions(out, drop_keys, shard.index, num_shards).tolist())
-    kept_records = np.unpackbits(np.frombuffer(out.read_bytes(scan_kept_key(shard.index)), np.uint8)).astype(bool)
+    kept_records = _bits(out.read_bytes(scan_kept_key(shard.index)))
+    held_out = _bits(out.read_bytes(scan_validation_key(shard.index)))
     documents = _kept_documents(ShardReader(shard, text_field), spec, kept_records)
-    kept = ((text, digest_hash(document_digest(text))) for pos, text in enumerate(documents) if pos not in dropped)
-    streams: dict[str, list[int]] = {"train": [], "val": []}
+    kept = ((text, held_out[pos]) for pos, text in enumerate(documents) if pos not in dropped)
+    # Token ids become arrays a batch at a time: a shard's ids as one Python list would take
+    # ~36 bytes a token (a 64 MB shard: ~600 MB), as arrays 2 or 4.
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     num_documents = 0
     for batch in iter(lambda: list(itertools.islice(kept, _ENCODE_BATCH)), []):
         num_documents += len(batch)
         encodings = tokenizer.encode_batch_fast([text for text, _ in batch], add_special_tokens=False)
-        for (_, key), encoding in zip(batch, encodings):
-            stream = streams["val" if is_validation(key, spec.validation_fraction) else "train"]
-            stream.extend(encoding.ids)
+        streams: dict[str, list[int]] = {"train": [], "val": []}
+        for (_, val), encoding in zip(batch, encodings):
+            stream = streams["val" if val else "train"]
+            stream += encoding.ids
             stream.append(eos_id)
+        for split, stream in streams.items():
+            parts[split].append(np.array(stream, dtype=dtype))
     counts: dict = {"num_documents": num_documents, "num_tokens": 0}
     with tempfile.TemporaryDirectory(prefix="orchestrator-encode-") as tmp:
         files = {}
-        for split, stream in streams.items():
-            tokens = np.array(stream, dtype=dtype)
+        for split, arrays in parts.items():
+            tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
             num_sequences = len(tokens) // spec.seq_len
             key = f"data/{split}-{shard.index:05d}.bin"
             files[key] = os.path.join(tmp, os.path.basename(key))
@@ -200,6 +215,10 @@ def encode_shard(shard: Shard, spec: PreprocessSpec, text_field: str, num_shards
             crash_point("encode", shard.index)  # a kill here leaves a written, uncommitted shard
         upload_and_commit(out, files, commit_key, {"shard": shard.index, "counts": counts})
     return counts
+
+
+def _bits(data: bytes) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(data, np.uint8)).astype(bool)
 
 
 @functools.lru_cache(maxsize=4)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.dedup import digest_hash, document_digest, exact_drops_key, find_exact_duplicates, is_validation, key_records
+from jobs.dedup import document_digest, exact_drops_key, find_exact_duplicates, is_validation, key_records
 from jobs.shuffle import NUM_SLOTS, num_listed, num_partitions, read_shard_positions, write_slotted
 from jobs.storage import open_storage
 
@@ -78,9 +78,12 @@ HELLO_WORLD = "e9a804b2e527fd3601d2ffc0bb023cd6"  # b2sum -l 128 of the same byt
 
 
 def test_the_validation_split_is_deterministic_monotone_and_close_to_the_fraction():
-    keys = [digest_hash(document_digest(f"document {i}")) for i in range(20_000)]
+    keys = key_records([document_digest(f"document {i}") for i in range(20_000)])["hash"]
     for fraction in (0.01, 0.1, 0.5):
-        share = sum(is_validation(k, fraction) for k in keys) / len(keys)
+        share = is_validation(keys, fraction).mean()
         assert abs(share - fraction) < max(0.15 * fraction, 0.004), (fraction, share)
-    assert not any(is_validation(k, 0.0) for k in keys)
-    assert all(is_validation(k, 0.2) for k in keys if is_validation(k, 0.1))
+        one_by_one = [is_validation(int.from_bytes(document_digest(f"document {i}")[:8], "little"), fraction)
+                      for i in range(0, 20_000, 97)]
+        assert one_by_one == is_validation(keys, fraction)[::97].tolist()  # a key's first 64 bits, little-endian
+    assert not is_validation(keys, 0.0).any()
+    assert is_validation(keys, 0.2)[is_validation(keys, 0.1)].all()
