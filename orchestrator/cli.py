@@ -131,7 +131,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: %(default)s)")
     p.set_defaults(command=_report)
+
+    p = sub.add_parser("gc", help="delete stage outputs, checkpoints and run records that no kept run, alias or "
+                                  "lease uses; prints what it frees and what it keeps, and why")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: %(default)s)")
+    p.add_argument("--keep-runs", type=int, default=10, metavar="N",
+                   help="runs kept per pipeline, newest first, besides running and aliased ones (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="delete nothing; list what would be freed and kept")
+    p.set_defaults(command=_gc)
+
+    p = sub.add_parser("du", help="storage used per stage output (and its checkpoints) and per pipeline")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: %(default)s)")
+    p.set_defaults(command=_du)
     return parser
+
+
+def _gc(args) -> int:
+    from orchestrator.gc import run_gc
+
+    print("\n".join(run_gc(_storage(None, args.storage), args.keep_runs, args.dry_run)))
+    return EXIT_OK
+
+
+def _du(args) -> int:
+    from orchestrator.usage import usage_lines
+
+    print("\n".join(usage_lines(_storage(None, args.storage))))
+    return EXIT_OK
 
 
 def _lease(args) -> int:
