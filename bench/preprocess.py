@@ -35,6 +35,7 @@ shard in this process, interleaved and best-of-N: on a shared machine that is th
 
     .venv/bin/python bench/preprocess.py [--mb 40] [--workers 2] [--repeat 2] [--variant {jsonl,gzip,parquet,all}]
                                          [--profile] [--json FILE]
+    .venv/bin/python bench/preprocess.py --paired 5 [--variant ...]   # ratios measured back to back
 """
 
 from __future__ import annotations
@@ -282,9 +283,10 @@ def make_console(meter: CpuMeter, stage_name: str):
     return TimingConsole()
 
 
-def run_ours(data_dir: Path, variants: list[Variant], storage_dir: str, args) -> dict:
+def run_ours(data_dir: Path, variants: list[Variant], storage_dir: str, args, round_: int = 0) -> dict:
     """Per variant: run1 (its first preprocess run; for the first variant right after the
-    tokenizer stage, on cold workers), then `--repeat` reruns that change only validation_fraction."""
+    tokenizer stage, on cold workers), then `--repeat` reruns that change only validation_fraction
+    (by 0.001 more in each `round_`, so that a later round's runs are not cached)."""
     import ray
 
     from jobs.storage import open_storage
@@ -308,7 +310,7 @@ def run_ours(data_dir: Path, variants: list[Variant], storage_dir: str, args) ->
         for v in variants:
             results[v.name] = runs = {}
             for k in range(1 + args.repeat):
-                run, vf = f"run{k + 1}", round(0.01 * (k + 1), 2)
+                run, vf = f"run{k + 1}", round(0.01 * (k + 1) + 0.001 * round_, 3)
                 stage_name = f"corpus-{v.name}"
                 console = make_console(meter, stage_name)
                 print(f"  ours {v.name} {run}: " + ("tokenizer + preprocess" if v is variants[0] and k == 0 else
@@ -361,6 +363,34 @@ def run_ideal(docs: list[str], tokenizer_file: str, method: str = "encode_batch_
         tokens += sum(len(e) for e in encode(batch, add_special_tokens=False)) + len(batch)
     cpu = meter.delta(a, meter.sample())
     return {"tokens": tokens, "docs": len(docs), "wall_s": cpu["wall"], "cpu": cpu}
+
+
+def _ideal_part(docs: list[str], tokenizer_file: str, start_at: float) -> tuple[int, float, float]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_file)
+    tok.encode_batch_fast(docs[:BATCH], add_special_tokens=False)  # warm-up
+    time.sleep(max(start_at - time.perf_counter(), 0.0))  # both start together (one system-wide clock)
+    t0, tokens = time.perf_counter(), 0
+    for i in range(0, len(docs), BATCH):
+        batch = docs[i:i + BATCH]
+        tokens += sum(len(e) for e in tok.encode_batch_fast(batch, add_special_tokens=False)) + len(batch)
+    return tokens, t0, time.perf_counter()
+
+
+def run_ideal_parallel(docs: list[str], tokenizer_file: str, workers: int) -> dict:
+    """The ideal as `workers` processes really running side by side, each on its share of the
+    documents: on a host that others load too, it meets the same load as our stage's workers (a
+    single thread, on an otherwise shared pair of cores, leaves one core to the others' load)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        start_at = time.perf_counter() + 1.0
+        parts = list(pool.map(_ideal_part, [docs[k::workers] for k in range(workers)], [tokenizer_file] * workers,
+                              [start_at] * workers))
+    return {"tokens": sum(p[0] for p in parts), "docs": len(docs),
+            "wall_s": max(p[2] for p in parts) - min(p[1] for p in parts)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,7 +562,12 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="cProfile scan_shard and encode_shard on one shard")
     p.add_argument("--keep", action="store_true", help="keep the pipeline's storage directory")
     p.add_argument("--json", help="also write all numbers to this JSON file")
+    p.add_argument("--paired", type=int, metavar="ROUNDS", default=0,
+                   help="instead: ROUNDS rounds of (our stage rerun on warm workers, the ideal, datasets) back to "
+                        "back, and the median of each round's ratios (this host's speed drifts between blocks)")
     args = p.parse_args(argv)
+    if args.paired:
+        return paired(args)
     t_start = time.perf_counter()
 
     data_dir, meta = ensure_corpus(args.mb)
@@ -692,6 +727,53 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "corpus": meta, "ours": ours, "ideal": ideals, "datasets": dss,
                        "datatrove": dts, "shard": shard, "best": best}, f, indent=2)
+    return 0
+
+
+def paired(args) -> int:
+    """Each round: Ray up, our stage once on cold workers (not counted) and once more on warm ones
+    (counted), Ray down; then the ideal (`workers` processes side by side) and datasets. The three measurements of a round are seconds
+    apart, so the host's drift moves them together and their ratios keep still."""
+    import statistics
+
+    data_dir, meta = ensure_corpus(args.mb)
+    jsonl_files = sorted(glob.glob(str(data_dir / "*.jsonl")))
+    variant = ensure_variant(data_dir, args.variant if args.variant != "all" else "jsonl",
+                             math.ceil(4 * args.workers / len(jsonl_files)))
+    args.shard_mb = {variant.name: args.shard_mb or default_shard_mb(variant.files, args.workers)}
+    args.repeat = 1
+    print(f"corpus {variant.name}: {meta['num_docs']:,} docs in {len(variant.files)} files; shard_mb "
+          f"{args.shard_mb[variant.name]}, workers {args.workers}, {args.paired} paired rounds")
+    storage_dir = tempfile.mkdtemp(prefix="bench-preprocess-")
+    docs = read_documents(jsonl_files)
+    rounds = []
+    try:
+        for r in range(args.paired):
+            ours = run_ours(data_dir, [variant], storage_dir, args, round_=r)[variant.name]["run2"]
+            tok_dir = ours["tok_output_uri"].removeprefix("file://")
+            tokenizer_file = os.path.join(tok_dir, "tokenizer.json")
+            eos_id = json.load(open(os.path.join(tok_dir, "info.json")))["eos_id"]
+            ideal = run_ideal_parallel(docs, tokenizer_file, args.workers)
+            ds = run_datasets(variant, tokenizer_file, eos_id, args.workers)
+            tokens = ours["metrics"]["num_tokens"]
+            for name, n in (("ideal", ideal["tokens"]), ("datasets", ds["tokens"])):
+                assert abs(n - tokens) <= 1e-3 * tokens, f"token counts disagree: ours {tokens}, {name} {n}"
+            rates = {"ours": tokens / ours["stage_s"], "ideal": tokens / ideal["wall_s"],
+                     "datasets": tokens / ds["wall_s"]}
+            rounds.append(rates)
+            print(f"  round {r + 1}: ours {rates['ours']:,.0f} tokens/s ({ours['stage_s']:.2f} s), ideal "
+                  f"{rates['ideal']:,.0f} ({ideal['wall_s']:.2f} s, {args.workers} processes), datasets {rates['datasets']:,.0f} "
+                  f"({ds['wall_s']:.2f} s): ours/ideal {rates['ours'] / rates['ideal']:.3f}, "
+                  f"ours/datasets {rates['ours'] / rates['datasets']:.3f}")
+    finally:
+        shutil.rmtree(storage_dir, ignore_errors=True)
+    for peer in ("ideal", "datasets"):
+        ratios = sorted(x["ours"] / x[peer] for x in rounds)
+        print(f"ours / {peer}: median {statistics.median(ratios):.3f} over {len(ratios)} rounds "
+              f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "corpus": meta, "rounds": rounds}, f, indent=2)
     return 0
 
 
