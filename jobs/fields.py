@@ -73,8 +73,13 @@ def _output_value(value: Any) -> Any:
 
 def local_fields(model: BaseModel, where: str = "") -> list[tuple[str, BaseModel, LocalKind, Any]]:
     """(field path, the model holding it, its local kind, its value) of every set field declared
-    `local=`, at any depth: the files on the driver's disk that the model names."""
+    `local=`, at any depth: the files on the driver's disk that the model names. A model whose local
+    files name more local files (a task YAML's data files) lists those with `local_files_inside()`
+    -> [(field, path)]; they count as files of that field."""
     found = []
+    inside = getattr(model, "local_files_inside", None)
+    if inside is not None:
+        found += [(f"{where}.{name}" if where else name, model, "file", path) for name, path in inside()]
     for name, info in type(model).model_fields.items():
         value, path = getattr(model, name), f"{where}.{name}" if where else name
         kind = local_kind(info)

@@ -18,13 +18,14 @@ from jobs.storage import Storage
 from orchestrator.console import key_metrics
 from orchestrator.kinds import KINDS
 from orchestrator.kinds.base import StageResults
-from orchestrator.kinds.evaluate import EvaluateResults, ModelEvaluation
+from orchestrator.kinds.evaluate import EvaluateResults, ModelEvaluation, main_metric
 from orchestrator.kinds.training import TrainResults
 from orchestrator.records import RunRecord
 
 TASK_METRICS = ("acc", "exact_match", "acc_norm")
 """A task's main metric: the first of these that its results have (multiple-choice tasks report
-acc and acc_norm, generation tasks exact_match), as the evaluate stage's own summary picks it."""
+acc and acc_norm, generation tasks exact_match), as the evaluate stage's own summary picks it; an
+lm-eval task with none of them shows its first metric (kinds.evaluate.main_metric)."""
 STAGE_COLUMNS = ["stage", "kind", "status", "cached", "attempts", "time", "key metric"]
 
 
@@ -112,8 +113,8 @@ def evaluation_table(results: dict[str, ModelEvaluation]) -> list[list[str]]:
     tasks: dict[str, str] = {}  # task -> its main metric, in order of first appearance
     for r in results.values():
         for task, scores in r.tasks.items():
-            metric = next((k for k in TASK_METRICS if scores.get(k) is not None), None)
-            if metric and (task not in tasks or TASK_METRICS.index(metric) < TASK_METRICS.index(tasks[task])):
+            metric = next((k for k in TASK_METRICS if scores.get(k) is not None), None) or main_metric(scores)
+            if metric and (task not in tasks or _rank(metric) < _rank(tasks[task])):
                 tasks[task] = metric
     rows = [["model"] + (["perplexity"] if has_perplexity else []) + [f"{t} ({m})" for t, m in tasks.items()]]
     for label, r in results.items():
@@ -125,6 +126,10 @@ def evaluation_table(results: dict[str, ModelEvaluation]) -> list[list[str]]:
             row.append("-" if value is None else f"{value:.3f}")
         rows.append(row)
     return rows
+
+
+def _rank(metric: str) -> int:
+    return TASK_METRICS.index(metric) if metric in TASK_METRICS else len(TASK_METRICS)
 
 
 def format_time(t: float) -> str:

@@ -26,7 +26,7 @@ from jobs.fields import output_fields
 from orchestrator.errors import SpecError
 from orchestrator.kinds import KINDS
 from orchestrator.kinds.base import LocalPath, StageKind, StageSpec
-from orchestrator.kinds.evaluate import UNION_TAGS, EvaluateStage, ModelRef, model_label
+from orchestrator.kinds.evaluate import UNION_MEMBERS, UNION_TAGS, EvaluateStage, ModelRef, model_label
 from orchestrator.kinds.finetune import FinetuneStage
 from orchestrator.kinds.preprocess import PreprocessStage
 from orchestrator.kinds.pretrain import PretrainStage
@@ -301,7 +301,7 @@ def _model_at(loc: list) -> type[BaseModel] | None:
             i += 1
             continue
         if loc[i] in UNION_TAGS:  # the member of a tagged union that was validated
-            model = {"checkpoint": ModelRef, "path": LocalPath}.get(loc[i])
+            model = UNION_MEMBERS.get(loc[i])
             i += 1
             continue
         field = model.model_fields.get(loc[i])

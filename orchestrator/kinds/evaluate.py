@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Tag, model_validator
 
 from jobs.evaluate import TaskSpec
 from jobs.fields import operational, output
+from jobs.harness import LmEvalTaskSpec, task_problems
 from orchestrator.kinds.base import LocalPath, StageKind, StageResults, StageSpec, file_problems
 from orchestrator.kinds.preprocess import PreprocessStage
 from orchestrator.kinds.training import checkpoint_problems, max_positions_of
@@ -36,7 +37,24 @@ def _model_entry_kind(value) -> str:
 # form the user meant, at its list index, rather than against every member of a union.
 ModelEntry = Annotated[Union[Annotated[str, Tag("stage")], Annotated[ModelRef, Tag("checkpoint")],
                              Annotated[LocalPath, Tag("path")]], Discriminator(_model_entry_kind)]
-UNION_TAGS = {"stage", "checkpoint", "path"}
+
+
+def _task_kind(value) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return {"multiple_choice": "native", "exact_match": "native", "lm_eval": "lm_eval"}.get(str(kind))
+
+
+# An evaluate stage's task, dispatched on `type`: the light native tasks of jobs.evaluate, or
+# lm-evaluation-harness run by lm-eval itself (jobs.harness); a bad `type` is one error naming all.
+EvalTask = Annotated[Union[Annotated[TaskSpec, Tag("native")], Annotated[LmEvalTaskSpec, Tag("lm_eval")]],
+                     Discriminator(_task_kind, custom_error_type="task_type",
+                                   custom_error_message="give each task a `type`: multiple_choice, exact_match "
+                                                        "(native, from a JSON-lines file) or lm_eval "
+                                                        "(lm-evaluation-harness)")]
+UNION_MEMBERS = {"checkpoint": ModelRef, "path": LocalPath, "native": TaskSpec, "lm_eval": LmEvalTaskSpec}
+"""The tags of the evaluate stage's tagged unions -> their model members (a stage name is a str)."""
+UNION_TAGS = {"stage", *UNION_MEMBERS}
+"""Every tag: error paths leave them out."""
 
 
 class EvaluateStage(StageSpec):
@@ -50,8 +68,9 @@ class EvaluateStage(StageSpec):
     """A training stage whose every checkpoint is evaluated as it gets committed, while it trains."""
     data: str | None = output(None)
     """A preprocess stage: perplexity on its validation split."""
-    tasks: list[TaskSpec] = output([])
-    """Multiple-choice and exact-match tasks from local JSON-lines files."""
+    tasks: list[EvalTask] = output([])
+    """Native multiple-choice and exact-match tasks from local JSON-lines files (the light default),
+    and lm-evaluation-harness tasks (`type: lm_eval`), all in `results` under their names."""
     max_val_sequences: int = output(256, ge=1)
     """Validation sequences scored for perplexity, at most."""
     batch_size: int = output(8, ge=1)
@@ -95,7 +114,10 @@ class EvaluateStage(StageSpec):
             if isinstance(m, ModelRef):
                 problems += checkpoint_problems(f"stages.{name}.models[{i}].step", stages, m.stage, m.step)
         for i, task in enumerate(self.tasks):
-            problems += file_problems(f"stages.{name}.tasks[{i}]", load_task, task)
+            if isinstance(task, LmEvalTaskSpec):
+                problems += task_problems(f"stages.{name}.tasks[{i}]", task)
+            else:
+                problems += file_problems(f"stages.{name}.tasks[{i}]", load_task, task)
         return problems
 
 
@@ -140,10 +162,17 @@ def evaluation_summary(result: ModelEvaluation | dict) -> str:
     result = ModelEvaluation.model_validate(result) if isinstance(result, dict) else result
     parts = [f"perplexity {result.perplexity.perplexity:.2f}"] if result.perplexity else []
     for name, metrics in result.tasks.items():
-        main = next((k for k in ("acc", "exact_match") if k in metrics), None)
+        main = main_metric(metrics)
         if main:
             parts.append(f"{name} {main} {metrics[main]:.3f}")
     return ", ".join(parts)
+
+
+def main_metric(metrics: Mapping[str, int | float]) -> str | None:
+    """A task's headline metric: acc, else exact_match, else (an lm-eval task's) its first metric
+    that is not a standard error, e.g. `exact_match,strict-match`; None when it has none."""
+    return next((k for k in ("acc", "exact_match") if k in metrics), None) or next(
+        (k for k in metrics if k != "num_examples" and "_stderr" not in k), None)
 
 
 def _summary(r: EvaluateResults) -> str:

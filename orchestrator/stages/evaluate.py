@@ -2,8 +2,10 @@
 with `follow`, also every checkpoint of a training stage, as it gets committed, while it trains.
 
 Task files and the starting models live on the driver's disk or in storage; the stage copies the
-task files into its own output first so that a task on any node reads them. Each model's results
-land in `results/<label>.json`; the run record gets the comparison (`metrics.results`).
+task files into its own output first so that a task on any node reads them: a native task's rows as
+`tasks/<name>.jsonl`, a local lm-eval task as `tasks/<name>/task.yaml` (its includes merged in) with
+its data files (local or s3://) under `tasks/<name>/data/`. Each model's results land in
+`results/<label>.json`; the run record gets the comparison (`metrics.results`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import tempfile
 import time
 
 import ray
+import yaml
 
 from jobs.checkpoint import committed_steps
 from jobs.commit import FileEntry, bytes_entry, file_entry
 from jobs.data import PackedTokens
 from jobs.evaluate import TaskSpec, evaluate_model
-from jobs.storage import open_storage
+from jobs.harness import LmEvalTaskSpec, map_data_files, read_task_yaml, run_harness
+from jobs.storage import Storage, open_storage, split_uri
 from orchestrator.kinds.evaluate import evaluation_summary
 from orchestrator.spec import ModelRef, model_label
 from orchestrator.stages import StageContext, StageOutput
@@ -34,8 +38,11 @@ def run(ctx: StageContext) -> StageOutput:
     tasks_uri = None
     if spec.tasks:
         for task in spec.tasks:
-            ctx.out.upload_file(task.path, f"tasks/{task.name}.jsonl")
-            files[f"tasks/{task.name}.jsonl"] = file_entry(task.path)
+            if isinstance(task, TaskSpec):
+                ctx.out.upload_file(task.path, f"tasks/{task.name}.jsonl")
+                files[f"tasks/{task.name}.jsonl"] = file_entry(task.path)
+            elif task.yaml is not None:
+                files.update(_stage_task_yaml(ctx.out, task))
         tasks_uri = ctx.out.url("tasks")
     results: dict[str, dict] = {}
 
@@ -58,6 +65,32 @@ def run(ctx: StageContext) -> StageOutput:
     for i, ref in enumerate(spec.models):
         evaluate(ref, ctx.inputs.get(f"models[{i}]"))
     return StageOutput(files, {"results": results})
+
+
+def _stage_task_yaml(out: Storage, task: LmEvalTaskSpec) -> dict[str, FileEntry]:
+    """Copy a local lm-eval task into the stage's output: its config (includes merged) naming its
+    data files by their copies' paths relative to `tasks/<name>/`, and the copies."""
+    prefix = f"tasks/{task.name}"
+    copies: dict[str, str] = {}  # data file (path or s3:// URI) -> its copy, relative to prefix
+
+    def copy_name(source: str) -> str:
+        return copies.setdefault(source, f"data/{len(copies)}-{source.rstrip('/').rsplit('/', 1)[-1]}")
+
+    config = map_data_files(read_task_yaml(task.yaml)[0], copy_name)
+    files: dict[str, FileEntry] = {}
+    with tempfile.TemporaryDirectory(prefix="orchestrator-task-") as tmp:
+        for source, name in copies.items():
+            local = source
+            if source.startswith("s3://"):
+                storage, key = split_uri(source)
+                local = os.path.join(tmp, name)
+                storage.download_file(key, local)
+            out.upload_file(local, f"{prefix}/{name}")
+            files[f"{prefix}/{name}"] = file_entry(local)
+    body = yaml.safe_dump(config, sort_keys=False).encode()
+    out.write_bytes(f"{prefix}/task.yaml", body)
+    files[f"{prefix}/task.yaml"] = bytes_entry(body)
+    return files
 
 
 def _follow(ctx: StageContext, evaluate) -> None:
@@ -85,15 +118,18 @@ def _follow(ctx: StageContext, evaluate) -> None:
 
 
 @ray.remote
-def _evaluate(model_uri: str, tasks: list[TaskSpec], tasks_uri: str | None, data_uri: str | None,
+def _evaluate(model_uri: str, tasks: list[TaskSpec | LmEvalTaskSpec], tasks_uri: str | None, data_uri: str | None,
               max_val_sequences: int, batch_size: int) -> dict:
     import torch
 
     with tempfile.TemporaryDirectory(prefix="orchestrator-eval-") as tmp:
         model_dir = os.path.join(tmp, "model")
         open_storage(model_uri).download_prefix("", model_dir)
-        local_tasks = []
+        local_tasks, harness_tasks = [], []
         for task in tasks:
+            if isinstance(task, LmEvalTaskSpec):
+                harness_tasks.append((task, task.task if task.yaml is None else _local_config(tasks_uri, task, tmp)))
+                continue
             path = os.path.join(tmp, "tasks", f"{task.name}.jsonl")
             open_storage(tasks_uri).download_file(f"{task.name}.jsonl", path)
             local_tasks.append(task.model_copy(update={"path": path}))
@@ -103,7 +139,22 @@ def _evaluate(model_uri: str, tasks: list[TaskSpec], tasks_uri: str | None, data
             if val is None:
                 raise ValueError(f"{data_uri} has no validation sequences; raise its validation_fraction")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return evaluate_model(model_dir, local_tasks, val_sequences=val, batch_size=batch_size, device=device)
+        results = {"tasks": {}}
+        if local_tasks or val is not None:
+            results = evaluate_model(model_dir, local_tasks, val_sequences=val, batch_size=batch_size, device=device)
+        if harness_tasks:
+            results["tasks"].update(run_harness(model_dir, harness_tasks, batch_size, device))
+        results["tasks"] = {task.name: results["tasks"][task.name] for task in tasks}  # in the spec's order
+        return results
+
+
+def _local_config(tasks_uri: str, task: LmEvalTaskSpec, tmp: str) -> dict:
+    """A staged lm-eval task's config, downloaded with its data files, which it names by path."""
+    task_dir = os.path.join(tmp, "tasks", task.name)
+    open_storage(tasks_uri).sub(task.name).download_prefix("", task_dir)
+    with open(os.path.join(task_dir, "task.yaml")) as f:
+        config = yaml.safe_load(f)
+    return map_data_files(config, lambda name: os.path.join(task_dir, name))
 
 
 @ray.remote
