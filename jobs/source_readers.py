@@ -28,6 +28,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
+import orjson
+
 from jobs.storage import Storage, split_uri
 
 SourceFormat = Literal["jsonl", "json", "parquet", "arrow", "text"]
@@ -212,15 +214,21 @@ def _jsonl_records(lines, text_field: str) -> Iterator[tuple[int, str] | BadReco
     for number, offset, raw in lines:
         if not raw.strip():
             continue
-        line = _decode(number, offset, raw)
-        if isinstance(line, BadRecord):
-            yield line
-            continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield BadRecord(number, offset, "invalid_json", f"{e.msg}: {line[:200]}")
-            continue
+            # orjson decodes and parses in one go, ~3x as fast as json (the encode pass parses every
+            # line again); what it refuses takes json's path, which tells the reason (and accepts
+            # what json accepts beyond orjson: NaN, lone surrogates, integers past 64 bits).
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            line = _decode(number, offset, raw)
+            if isinstance(line, BadRecord):
+                yield line
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield BadRecord(number, offset, "invalid_json", f"{e.msg}: {line[:200]}")
+                continue
         yield _field(record, text_field, number, offset)
 
 
