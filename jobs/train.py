@@ -51,6 +51,10 @@ class TrainJob:
     cache_dir: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "orchestrator-cache"))
     report: Callable[[dict], None] | None = None  # rank 0's metrics; printed when not given
     on_start: Callable[[int | None], None] | None = None  # called once resumed: (step resumed from or None)
+    # Every rank at once, where all ranks are (so it may be a collective), once per checkpoint that
+    # this attempt resumed from or saved, when its commit is done: its step. Each save passes the
+    # previous one's (the save waits for that upload); the end, the last step's.
+    on_commit: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -96,7 +100,14 @@ def train(job: TrainJob) -> TrainResult:
     throughput = Throughput(flops_per_token(config, data.seq_len), _peak_flops(device), world,
                             order.global_batch * data.seq_len)
 
+    newest = resumed_from  # this attempt's newest checkpoint, not yet passed to on_commit
+
     def checkpoint(step: int) -> None:
+        nonlocal newest
+        writer.wait()  # the previous save is committed: rank 0 commits it before its upload thread ends
+        if job.on_commit and newest is not None:
+            job.on_commit(newest)
+        newest = step
         meta = {"data_position": step * order.global_batch, "seed": spec.seed, "config_hash": job.config_hash,
                 "world_size": world, "zero_stage": spec.zero_stage}
         writer.save(engine, step, {"step": step, "rng": _rng_state()}, meta, extras)
@@ -111,6 +122,8 @@ def train(job: TrainJob) -> TrainResult:
 
     writer.wait()  # the last checkpoint is committed before the export says "done"
     state = gather_state_dict(engine.module, rank)
+    if job.on_commit:  # the last step's: saved now, or the one this attempt resumed at
+        job.on_commit(spec.steps)
     files: dict[str, FileEntry] = {}
     if rank == 0:
         tensorboard.close()

@@ -4,10 +4,11 @@
 Ray 2.60 has no public API for what these give the orchestrator: keeping Ray's error messages
 out of the terminal, the session log directory, whether this process started the cluster, the
 autoscaler's node types (from the GCS, from KubeRay's RayCluster, or from the head's monitor
-process), and whether a Ray token is configured. Private parts change without notice between
-Ray releases, so they are named here only: upgrading Ray means reading this file against the new
-release, moving SUPPORTED_RAY (and the ray pin in pyproject.toml and the Dockerfile's base image)
-to it, and running tests/test_ray_internals.py, which looks up every part named here.
+process), whether a Ray token is configured, and the name of Ray Train's checkpoint list in a
+run's directory. Private parts change without notice between Ray releases, so they are named here
+only: upgrading Ray means reading this file against the new release, moving SUPPORTED_RAY (and
+the ray pin in pyproject.toml and the Dockerfile's base image) to it, and running
+tests/test_ray_internals.py, which looks up every part named here.
 
 Another Ray version is refused where Ray is first used (`check_ray_version`), with the fix. A
 private part that is missing all the same (a patch release that moved it) is an UnsupportedRay
@@ -38,6 +39,7 @@ _NODE = "ray._private.worker:_global_node"  # this process's Ray node; None with
 _PRINTER = "ray._private.worker:print_to_stdstream"
 _MONITOR_SCRIPTS = ("autoscaler/_private/monitor.py", "autoscaler/v2/monitor.py")
 """The scripts a head node runs as the autoscaler's monitor process (v1, v2)."""
+_TRAIN_SNAPSHOT = "ray.train.v2._internal.constants:CHECKPOINT_MANAGER_SNAPSHOT_FILENAME"
 
 
 class UnsupportedRay(UserError):
@@ -125,6 +127,14 @@ def started_here() -> bool:
     """Whether this process started the Ray cluster it is connected to (an embedded Ray)."""
     node = internal(_NODE)
     return node is not None and bool(attribute_of(node, "head", _NODE))
+
+
+# --- Ray Train ---------------------------------------------------------------------------------
+
+def train_snapshot_name() -> str:
+    """The file in a Ray Train run's directory that lists the checkpoints reported to it (Ray
+    Train reads it when a run with that directory starts)."""
+    return internal(_TRAIN_SNAPSHOT)
 
 
 # --- the autoscaler's configuration ------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Pretraining end to end: real Ray Train, real DeepSpeed (CPU, gloo, 2 workers), tiny Llama.
 
 Outcomes are checked against independent computations: the loss curve, checkpoints listed and
-checksummed in storage, the export reloaded with transformers, and weights of an interrupted run
-compared bit for bit with those of an uninterrupted one.
+checksummed in storage, the export reloaded with transformers, weights of an interrupted run
+compared bit for bit with those of an uninterrupted one, and Ray Train's own record of the run
+read back with Ray's `Result.from_path`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,30 @@ def pipeline(storage: str, **train) -> str:
 def run(spec_text: str, run_id: str | None = None):
     spec = parse_spec(spec_text)
     return run_pipeline(spec, open_storage(spec.storage), run_id=run_id, console=Console(open(os.devnull, "w")))
+
+
+def ray_train_record(stage_uri: str):
+    """Ray Train's record of a training stage's last fit, as Ray's tooling reads it back, and the
+    path it should name for the stage's checkpoint at a step."""
+    import pyarrow.fs
+    from ray.train import Result
+
+    scheme, path = stage_uri.split("://", 1)
+    filesystem = pyarrow.fs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"]) if scheme == "s3" else None
+    return Result.from_path(path, storage_filesystem=filesystem), lambda step: f"{path}/ckpt/{step_key(step)}"
+
+
+def assert_ray_train_has_the_kept_checkpoints(stage, steps: list[int]):
+    """Ray Train registered the checkpoints the stage keeps, in place (its record names our
+    committed directories: nothing was uploaded again), each with the metrics of its step."""
+    result, path_of = ray_train_record(stage.output_uri)
+    assert [(c.path, m["step"]) for c, m in result.best_checkpoints] == [(path_of(s), s) for s in steps]
+    assert result.checkpoint.path == path_of(steps[-1]) and result.metrics["step"] == steps[-1]
+    assert result.metrics["loss"] == stage.metrics["final_loss"]
+    assert list(result.metrics_dataframe["step"]) == steps
+    stage_dir = open_storage(stage.output_uri)
+    assert {o.key.split("/")[0] for o in stage_dir.list("") if "/" in o.key} == {"ckpt", "hf", "tb", "_LEASE"}
+    assert {o.key.split("/")[1] for o in stage_dir.list("ckpt/")} == {step_key(s) for s in steps}
 
 
 def weights(record) -> dict[str, torch.Tensor]:
@@ -92,6 +117,7 @@ def test_zero_stage_trains_and_commits_checkpoints_to_s3(trained, zero_stage):
     assert not ckpt.list(step_key(4))  # retention removed the oldest
     assert stage.metrics["export_max_logit_diff"] < 1e-4
     assert stage.metrics["last_checkpoint"] == ckpt.url(step_key(12))
+    assert_ray_train_has_the_kept_checkpoints(stage, [8, 12])
     # The honest numbers: achieved FLOP/s and peak memory (a CPU worker's resident memory); no MFU
     # without a stated peak; what each speed lever did on this CPU.
     assert stage.metrics["tflops_per_device"] > 0 and stage.metrics["mfu"] is None
@@ -157,6 +183,8 @@ def test_worker_crash_resumes_to_identical_weights(trained, start_ray, tmp_path,
     assert os.path.exists(tmp_path / "once" / "crashed-train-11")  # a worker really died at step 11
     assert stage.status == "succeeded" and stage.attempts == 2
     assert stage.metrics["resumed_from"] == 8 and stage.metrics["restarts"] == 1
+    # The second worker group registered the step it resumed from, which the first had no save left to.
+    assert_ray_train_has_the_kept_checkpoints(stage, [8, 12])
     expected, actual = weights(baseline), weights(crashed)
     assert expected.keys() == actual.keys()
     for name in expected:
