@@ -211,21 +211,30 @@ def _verifies(commit: dict | None, present: dict[str, int]) -> bool:
 
 def _named_steps(store: Store, d: str, kept: dict[str, str], records: dict[str, RunRecord]) -> set[int]:
     """Steps of training output `d` that a kept run names: its `last_checkpoint`, or a {stage, step}
-    model of its committed evaluate stage (the commit's inputs say which output the stage name was)."""
+    reference of one of its committed stages (an evaluate stage's model: the commit's inputs say
+    which output the stage name was)."""
     steps = set()
     for run_id in kept:
         for stage in records[run_id].stages.values():
             last = str(stage.metrics.get("last_checkpoint") or "")
             if stage_dir(last) == d and (m := re.search(r"/ckpt/step-(\d{8})/?$", last)):
                 steps.add(int(m.group(1)))
-            if stage.kind != "evaluate":
-                continue
             inputs = store.commits.get(f"{stage_dir(stage.output_uri)}/{COMMIT_FILE}", {}).get("inputs") or {}
-            for i, model in enumerate((inputs.get("fields") or {}).get("models") or []):
-                upstream_hash = str((inputs.get("upstream") or {}).get(f"models[{i}]", ""))
-                if isinstance(model, dict) and d == f"stages/{model.get('stage')}-{upstream_hash[:8]}":
-                    steps.add(model.get("step"))
+            for path, upstream_hash in (inputs.get("upstream") or {}).items():
+                ref = _field_at(inputs.get("fields") or {}, path)
+                if isinstance(ref, dict) and "step" in ref and d == f"stages/{ref.get('stage')}-{str(upstream_hash)[:8]}":
+                    steps.add(ref["step"])
     return steps
+
+
+def _field_at(fields: dict, path: str):
+    """The value at a reference's field path, e.g. `models[1]`; None where there is none."""
+    value = fields
+    for name, index in re.findall(r"(\w+)(?:\[(\d+)\])?", path):
+        value = value.get(name) if isinstance(value, dict) else None
+        if index and isinstance(value, list):
+            value = value[int(index)] if int(index) < len(value) else None
+    return value
 
 
 def read_store(storage: Storage) -> Store:
