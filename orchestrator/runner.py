@@ -14,6 +14,7 @@ started.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -38,21 +39,26 @@ from orchestrator.report import write_report
 from orchestrator.spec import PipelineSpec
 from orchestrator.stage_log import StageLog
 from orchestrator.stages import StageContext
+from orchestrator.tracking import Tracker, TrackingError, open_tracker
 
 log = logging.getLogger(__name__)
 _NODE_POLL_S = 5.0
 
 
 def run_pipeline(spec: PipelineSpec, storage: Storage, run_id: str | None = None, address: str | None = None,
-                 console: Console | None = None, kinds: Mapping[str, StageKind] = KINDS) -> RunRecord:
-    """`kinds`: the registry whose run functions compute the stages (a test's stand-ins)."""
+                 console: Console | None = None, kinds: Mapping[str, StageKind] = KINDS,
+                 tracker: Tracker | None = None) -> RunRecord:
+    """`kinds`: the registry whose run functions compute the stages (a test's stand-ins); `tracker`:
+    where the run is also tracked (default: the pipeline file's `tracking:`, nothing without it)."""
     console = console or Console()
+    tracker = tracker or open_tracker(spec.tracking, spec.name, console.line)
     run_id = validate_run_id(run_id) if run_id else new_run_id(spec.name)
     plan = make_plan(spec, storage, run_id)
     record = _start_record(spec, storage, run_id, plan)
     console.line(f"run {record.run_id} (attempt {record.attempts}) → {storage.uri}")
-    runner = _Runner(record, storage, console, kinds, lease_timeout_s=spec.lease_timeout_s)
+    runner = _Runner(record, storage, console, kinds, lease_timeout_s=spec.lease_timeout_s, tracker=tracker)
     try:
+        tracker.run_started(record)
         for p in plan:
             if p.cached:
                 runner.mark_cached(p)
@@ -78,6 +84,7 @@ def run_pipeline(spec: PipelineSpec, storage: Storage, run_id: str | None = None
         record.finished_at = time.time()
         runner.save()
         _write_report(storage, record)
+        _finish_tracking(tracker, record, runner, storage)
     return record
 
 
@@ -88,10 +95,27 @@ def _write_report(storage: Storage, record: RunRecord) -> None:
         log.exception("could not write the run report")
 
 
+def _finish_tracking(tracker: Tracker, record: RunRecord, runner: _Runner, storage: Storage) -> None:
+    """Last, so that the report it sends is the final one. A required tracker that fails here fails
+    a run that had succeeded; a run that failed already keeps its own error."""
+    try:
+        tracker.run_finished(record, storage)
+    except TrackingError:
+        if record.status != "succeeded":
+            log.exception("tracking failed as well")
+            return
+        record.status = "failed"
+        runner.save()
+        _write_report(storage, record)
+        raise
+
+
 class _Runner:
     def __init__(self, record: RunRecord, storage: Storage, console: Console, kinds: Mapping[str, StageKind],
-                 lease_timeout_s: float = lease_protocol.DEFAULT_TIMEOUT_S, lease_poll_s: float = 2.0):
+                 lease_timeout_s: float = lease_protocol.DEFAULT_TIMEOUT_S, lease_poll_s: float = 2.0,
+                 tracker: Tracker = Tracker()):
         self.record, self.storage, self.console, self.kinds = record, storage, console, kinds
+        self.tracker = tracker
         self.lease_timeout_s, self.lease_poll_s = lease_timeout_s, lease_poll_s
         self.stopping = threading.Event()  # set when the run stops: stages waiting on a lease give up
         self.waited_on: dict[str, str] = {}  # stage -> the run whose lease it waited on
@@ -107,6 +131,7 @@ class _Runner:
         stage.metrics = (read_commit(self.storage.sub(p.key), COMMIT_FILE) or {}).get("metrics", {})
         self.save()
         self.console.stage_finished(p.name, stage)
+        self.tracker.stage_finished(p, stage)
 
     def run(self, to_run: list[PlannedStage], cluster: ray_runtime.ClusterView) -> None:
         bundles = {p.name: p.spec.bundles() for p in to_run}
@@ -191,6 +216,7 @@ class _Runner:
             stage_log.write(f"start {p.kind} -> {p.uri} ({p.reason}), attempt {stage.attempts}")
             console = StageConsole(self.console, p.name, stage_log.write)
             try:
+                self.tracker.stage_started(p)
                 lease = self._lease(p, out, console)
                 if lease is None:  # another run computed it while this one waited
                     stage.attempts = attempts_before
@@ -210,6 +236,7 @@ class _Runner:
                 stage.finished_at = time.time()
                 how = f" ({stage.reason})" if stage.cached else ""
                 stage_log.write(f"end {stage.status}{how} after {stage.finished_at - stage.started_at:.1f}s")
+                self.tracker.stage_finished(p, stage)
         self.save()
         self.console.stage_finished(p.name, stage)
 
@@ -250,7 +277,8 @@ class _Runner:
             out.delete(COMMIT_FILE)
         nodes_up = self._watch_nodes(need, console)
         try:
-            context = StageContext(p.name, p.hash, p.spec, out, p.upstream_uris, console, self._is_running)
+            context = StageContext(p.name, p.hash, p.spec, out, p.upstream_uris, console, self._is_running,
+                                   on_step=functools.partial(self.tracker.step, p.name))
             output = self.kinds[p.kind].run_function()(context)
         finally:
             nodes_up.set()

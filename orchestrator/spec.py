@@ -34,6 +34,7 @@ from orchestrator.kinds.tokenizer import TokenizerStage
 from orchestrator.kinds.training import TrainStage, checkpoint_steps
 from orchestrator.lease import DEFAULT_TIMEOUT_S as DEFAULT_LEASE_TIMEOUT_S
 from orchestrator.schedule_spec import GateSpec, ScheduleSpec
+from orchestrator.tracking_spec import TrackingSpec, tracking_problems
 
 __all__ = ["EvaluateStage", "FinetuneStage", "LocalPath", "ModelRef", "PipelineSpec", "PreprocessStage",
            "PretrainStage", "TokenizerStage", "TrainStage", "checkpoint_steps", "load_spec", "model_label", "parse_spec"]
@@ -84,6 +85,8 @@ class PipelineSpec(BaseModel):
     """While a run computes a stage it holds a lease on its output, so that another run of the same
     stage waits for it; after this many seconds without the holder's heartbeat (it died), a waiting
     run takes the stage over and resumes from its commits. Not part of any hash."""
+    tracking: TrackingSpec | None = None
+    """Where runs are also tracked (MLflow, Weights & Biases); off when absent. Not part of any hash."""
 
     @field_validator("name")
     @classmethod
@@ -149,6 +152,8 @@ def parse_spec(text: str, source: str = "<pipeline>") -> PipelineSpec:
     problems += _cross_stage_problems(spec.stages if spec else _valid_stages(raw.get("stages")))
     if spec is not None and spec.gate is not None:
         problems += _gate_problems(spec.gate, spec.stages)
+    if spec is not None and spec.tracking is not None:
+        problems += tracking_problems(spec.tracking)
     if problems:
         raise SpecError(source, problems)
     return spec

@@ -273,7 +273,8 @@ def test_wrong_type_of_tokenizer_reference_is_one_problem_at_its_path():
 
 def test_unknown_key_without_a_close_match_reads_well():
     problems = _problems(yaml.safe_dump({"name": "t", "zzzzzz": 1, "stages": {"tok": TOK}}))
-    assert problems == ["zzzzzz: unknown field; valid fields: gate, lease_timeout_s, name, schedule, stages, storage"]
+    assert problems == ["zzzzzz: unknown field; valid fields: gate, lease_timeout_s, name, schedule, stages, storage, "
+                        "tracking"]
 
 
 @pytest.mark.parametrize("text, path", [

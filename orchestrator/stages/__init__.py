@@ -22,6 +22,7 @@ class StageContext:
     inputs: dict[str, str]  # reference field -> the referenced stage's output URI
     console: Console
     is_running: Callable[[str], bool] = lambda stage: False  # whether another stage of this run is running now
+    on_step: Callable[[dict], None] = lambda metrics: None  # a training step's metrics message (tracking)
 
 
 @dataclass

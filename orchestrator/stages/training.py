@@ -98,6 +98,7 @@ def run_training(ctx: StageContext, job_fields: dict) -> StageOutput:
                 advance(message["step"] - last.get("step", message.get("resumed_from") or 0))
                 last = message
                 ctx.console.line(_progress_line(message))
+                ctx.on_step(message)
     fit.join()
     if "error" in outcome:
         raise outcome["error"]
