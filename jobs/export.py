@@ -20,14 +20,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MAX_SHARD_SIZE = "5GB"  # per safetensors file: what the Hub's loaders and most file systems handle well
 
 
-def gather_state_dict(module, rank: int) -> dict | None:
-    """Collective: the full fp32 state dict in rank 0's host memory (None elsewhere). Under ZeRO-3
-    one parameter at a time is gathered on the device and copied out: the device never holds more
-    than the largest parameter beyond its own partition."""
+def gather_state_dict(module, rank: int, trainable_only: bool = False) -> dict | None:
+    """Collective: the full fp32 state dict in rank 0's host memory (None elsewhere); with
+    `trainable_only`, the parameters that train (LoRA's adapters). Under ZeRO-3 one parameter at a
+    time is gathered on the device and copied out: the device never holds more than the largest
+    parameter beyond its own partition."""
     import deepspeed
 
     state = {} if rank == 0 else None
-    for name, param in module.named_parameters():  # tied weights once: save_hf ties them again
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
+    for name, param in params:  # tied weights once: save_hf ties them again
         zero3 = hasattr(param, "ds_id")
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero3 else contextlib.nullcontext():
             if rank == 0:
@@ -64,12 +66,14 @@ def state_dict_from_checkpoint(local_dir: str, tag: str) -> dict:
 def export_checkpoint(step_dir, out_dir: str) -> None:
     """Export a committed checkpoint (`.../ckpt/step-<N>`, a Storage) to a Hugging Face directory.
 
-    The checkpoint carries its model config and tokenizer under `hf/`, so nothing else is needed.
+    The checkpoint carries its model config and tokenizer under `hf/`, so nothing else is needed;
+    a LoRA stage's is exported merged, onto the base model its `hf-adapter/` config names.
     """
     import tempfile
 
     from transformers import LlamaConfig
 
+    from jobs import lora
     from jobs.checkpoint import COMMIT
     from jobs.commit import read_commit, verify_commit
 
@@ -82,4 +86,7 @@ def export_checkpoint(step_dir, out_dir: str) -> None:
             step_dir.download_file(name, os.path.join(tmp, tag, name))
         hf_files = os.path.join(tmp, tag, "hf")
         config = LlamaConfig.from_json_file(os.path.join(hf_files, "config.json"))
-        save_hf(state_dict_from_checkpoint(tmp, tag), config, hf_files, out_dir)
+        state = state_dict_from_checkpoint(tmp, tag)
+        if lora.is_lora_checkpoint(os.path.join(tmp, tag)):
+            state = lora.merge_checkpoint(state, os.path.join(tmp, tag), tmp)
+        save_hf(state, config, hf_files, out_dir)

@@ -136,7 +136,7 @@ def _safetensors_fill(weights_dir: str, config) -> Fill:
     tensor at a time from the memory-mapped files."""
     from safetensors import safe_open
 
-    files = _weight_files(weights_dir)
+    files = weight_files(weights_dir)
     handles: dict[str, object] = {}
 
     def fill(name: str, module: torch.nn.Module, param: torch.Tensor) -> None:
@@ -152,7 +152,7 @@ def _safetensors_fill(weights_dir: str, config) -> Fill:
     return fill
 
 
-def _weight_files(weights_dir: str) -> dict[str, str]:
+def weight_files(weights_dir: str) -> dict[str, str]:
     """Weight name -> the safetensors file holding it."""
     index = os.path.join(weights_dir, "model.safetensors.index.json")
     if os.path.exists(index):

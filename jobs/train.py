@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from jobs import lora
 from jobs.batch_stream import BatchStream
 from jobs.checkpoint import CheckpointWriter, committed_steps, discard_after, fetch_for_rank, step_key
 from jobs.commit import FileEntry, file_entry
@@ -27,6 +28,7 @@ from jobs.data import BatchOrder, PackedTokens
 from jobs.deepspeed_config import build_deepspeed_config, load_user_config
 from jobs.export import TOKENIZER_FILES, gather_state_dict, save_hf
 from jobs.faults import crash_point
+from jobs.lora import LoraSpec
 from jobs.model import flops_per_token, llama_config
 from jobs.mixture import MixtureData, MixtureOrder, MixtureSource
 from jobs.model_init import build_model, local_parameter_bytes, model_parameter_bytes
@@ -48,6 +50,7 @@ class TrainJob:
     mixture: list[MixtureSource] | None = None  # or several, mixed by weight (jobs.mixture)
     sft_uri: str | None = None  # or prompt/response rows from jobs.sft, labels on the responses only
     init_uri: str | None = None  # a Hugging Face directory to start from; None: random weights
+    lora: LoraSpec | None = None  # train low-rank adapters on the frozen init model (jobs.lora)
     cache_dir: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "orchestrator-cache"))
     report: Callable[[dict], None] | None = None  # rank 0's metrics; printed when not given
     on_start: Callable[[int | None], None] | None = None  # called once resumed: (step resumed from or None)
@@ -85,9 +88,11 @@ def train(job: TrainJob) -> TrainResult:
         # A mixture's sources share one tokenizer (checked at validate): the first one's is theirs.
         init_dir, tokenizer_dir = None, _fetch_tokenizer(job.data_uri or job.mixture[0].uri, local_dir)
         config = llama_config(spec.model, data.vocab_size, data.eos_id, _pad_id(tokenizer_dir))
-    engine, speed_context, facts = _engine(spec, config, world, bf16, device, init_dir)
+    engine, speed_context, facts = _engine(spec, config, world, bf16, device, init_dir, job.lora)
     if rank == 0:
         report({"note": "speed: " + ", ".join(f"{lever.replace('_', ' ')} {how}" for lever, how in facts["speed"].items())})
+        if job.lora:
+            report({"note": facts.pop("lora")})
     ckpt = open_storage(job.out_uri).sub("ckpt")
 
     start_step, resumed_from = _resume(engine, ckpt, rank, local_dir, job.config_hash, report)
@@ -96,6 +101,8 @@ def train(job: TrainJob) -> TrainResult:
     tensorboard = _tensorboard(local_dir) if rank == 0 else None
     writer = CheckpointWriter(ckpt, rank, world, local_dir, spec.keep_last, spec.keep_every)
     extras = _checkpoint_extras(config, tokenizer_dir, local_dir) if rank == 0 else {}
+    if rank == 0 and job.lora:
+        extras.update(lora.checkpoint_extras(job.lora, job.init_uri, local_dir))
     metrics: dict = {"resumed_from": resumed_from}
     throughput = Throughput(flops_per_token(config, data.seq_len), _peak_flops(device), world,
                             order.global_batch * data.seq_len)
@@ -121,9 +128,11 @@ def train(job: TrainJob) -> TrainResult:
         engine_logits = _logits(engine, probe)  # collective under ZeRO-3: every rank runs it
 
     writer.wait()  # the last checkpoint is committed before the export says "done"
-    state = gather_state_dict(engine.module, rank)
     if job.on_commit:  # the last step's: saved now, or the one this attempt resumed at
         job.on_commit(spec.steps)
+    adapter_dir = os.path.join(local_dir, lora.ADAPTER_DIR)
+    state = (lora.export(engine.module, rank, job.lora, job.init_uri, init_dir, tokenizer_dir, adapter_dir)
+             if job.lora else gather_state_dict(engine.module, rank))
     files: dict[str, FileEntry] = {}
     if rank == 0:
         tensorboard.close()
@@ -131,7 +140,10 @@ def train(job: TrainJob) -> TrainResult:
         hf_dir = os.path.join(local_dir, "hf")
         save_hf(state, config, tokenizer_dir, hf_dir)
         metrics["export_max_logit_diff"] = _check_export(hf_dir, probe, engine_logits, bf16)
-        for prefix, directory in (("hf", hf_dir), ("tb", tensorboard.logdir)):
+        exports = [("hf", hf_dir), ("tb", tensorboard.logdir)]
+        if job.lora:
+            exports.append((lora.ADAPTER_DIR, adapter_dir))
+        for prefix, directory in exports:
             for key in out.upload_dir(directory, prefix):
                 files[key] = file_entry(os.path.join(directory, key.removeprefix(prefix + "/")))
         metrics.update(facts, final_loss=metrics.get("loss"))
@@ -291,9 +303,10 @@ def _init_config(init_dir: str, data):
     return config
 
 
-def _engine(spec: TrainSpec, config, world: int, bf16: bool, device: torch.device, init_dir: str | None):
+def _engine(spec: TrainSpec, config, world: int, bf16: bool, device: torch.device, init_dir: str | None,
+            lora_spec: LoraSpec | None):
     """(the DeepSpeed engine, the context its steps run in, facts for the record: the parameter
-    bytes of each rank right after construction, what each speed lever does)."""
+    bytes of each rank right after construction, what each speed lever does; with LoRA, what trains)."""
     import deepspeed
 
     user = load_user_config(spec.deepspeed_config) if spec.deepspeed_config else None
@@ -308,16 +321,20 @@ def _engine(spec: TrainSpec, config, world: int, bf16: bool, device: torch.devic
     facts = {"param_bytes_per_rank": per_rank, "model_param_bytes": model_parameter_bytes(model)}
     facts["speed"], speed_context = apply_speed(model, spec.speed, device, torch.bfloat16 if bf16 else torch.float32,
                                                 zero3)
+    if lora_spec:  # after the levers, which act on the Llama itself
+        model, facts["lora"] = lora.wrap(model, lora_spec, spec.seed)
     torch.manual_seed(spec.seed)  # the streams a step draws from start the same however the model was built
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
         # torch's AdamW rather than DeepSpeed's: no op to JIT-compile, and identical on CPU and GPU.
         # A ZeRO-3 parameter's tensor is its (flat) partition: its shape is ds_shape.
-        matrices = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in model.parameters()]
-        decay = [p for p, matrix in zip(model.parameters(), matrices) if matrix]
-        no_decay = [p for p, matrix in zip(model.parameters(), matrices) if not matrix]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=spec.betas)
+        trained = [p for p in model.parameters() if p.requires_grad]  # frozen ones (LoRA's base) get no state
+        matrices = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in trained]
+        decay = [p for p, matrix in zip(trained, matrices) if matrix]
+        no_decay = [p for p, matrix in zip(trained, matrices) if not matrix]
+        groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # An empty group (LoRA trains matrices only) is dropped by ZeRO and would leave the scheduler one behind.
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, betas=spec.betas)
     if "scheduler" not in ds_config and optimizer is not None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(spec))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -416,7 +433,8 @@ def main(argv: list[str]) -> int:
     job = TrainJob(spec=TrainSpec.model_validate(raw["spec"]), out_uri=raw["out_uri"],
                    config_hash=raw.get("config_hash", "torchrun"), data_uri=raw.get("data_uri"),
                    mixture=[MixtureSource(**m) for m in raw["mixture"]] if raw.get("mixture") else None,
-                   sft_uri=raw.get("sft_uri"), init_uri=raw.get("init_uri"))
+                   sft_uri=raw.get("sft_uri"), init_uri=raw.get("init_uri"),
+                   lora=LoraSpec.model_validate(raw["lora"]) if raw.get("lora") else None)
     result = train(job)
     if dist.get_rank() == 0:
         print(json.dumps(result.metrics))

@@ -13,7 +13,7 @@ from jobs.fields import operational, output
 from jobs.harness import LmEvalTaskSpec, task_problems
 from orchestrator.kinds.base import LocalPath, StageKind, StageResults, StageSpec, file_problems
 from orchestrator.kinds.preprocess import PreprocessStage
-from orchestrator.kinds.training import checkpoint_problems, max_positions_of
+from orchestrator.kinds.training import TrainStage, checkpoint_problems, max_positions_of
 
 
 class ModelRef(BaseModel):
@@ -27,16 +27,31 @@ class ModelRef(BaseModel):
     """The checkpoint's step (it must be committed and kept by retention)."""
 
 
+class AdapterRef(BaseModel):
+    """A LoRA fine-tuning stage's adapter, loaded unmerged on the model the stage started from, as
+    a server would load it (the stage's own name evaluates its merged export)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    stage: str = output()
+    """A finetune stage with `lora`."""
+    adapter: Literal[True] = output()
+    """`true`: its `hf-adapter/` export."""
+
+
 def _model_entry_kind(value) -> str:
-    if isinstance(value, (dict, BaseModel)):
-        return "path" if (value.get("path") if isinstance(value, dict) else isinstance(value, LocalPath)) else "checkpoint"
+    if isinstance(value, dict):
+        return "path" if value.get("path") else "adapter" if "adapter" in value else "checkpoint"
+    if isinstance(value, BaseModel):
+        return {LocalPath: "path", AdapterRef: "adapter"}.get(type(value), "checkpoint")
     return "stage"  # anything else is validated as a stage name, whose error says it wants a string
 
 
 # An evaluate stage's model: dispatched on its shape, so that a mistake is reported against the one
 # form the user meant, at its list index, rather than against every member of a union.
 ModelEntry = Annotated[Union[Annotated[str, Tag("stage")], Annotated[ModelRef, Tag("checkpoint")],
-                             Annotated[LocalPath, Tag("path")]], Discriminator(_model_entry_kind)]
+                             Annotated[LocalPath, Tag("path")], Annotated[AdapterRef, Tag("adapter")]],
+                       Discriminator(_model_entry_kind)]
 
 
 def _task_kind(value) -> str | None:
@@ -51,7 +66,8 @@ EvalTask = Annotated[Union[Annotated[TaskSpec, Tag("native")], Annotated[LmEvalT
                                    custom_error_message="give each task a `type`: multiple_choice, exact_match "
                                                         "(native, from a JSON-lines file) or lm_eval "
                                                         "(lm-evaluation-harness)")]
-UNION_MEMBERS = {"checkpoint": ModelRef, "path": LocalPath, "native": TaskSpec, "lm_eval": LmEvalTaskSpec}
+UNION_MEMBERS = {"checkpoint": ModelRef, "path": LocalPath, "adapter": AdapterRef, "native": TaskSpec,
+                 "lm_eval": LmEvalTaskSpec}
 """The tags of the evaluate stage's tagged unions -> their model members (a stage name is a str)."""
 UNION_TAGS = {"stage", *UNION_MEMBERS}
 """Every tag: error paths leave them out."""
@@ -63,7 +79,8 @@ class EvaluateStage(StageSpec):
 
     kind: Literal["evaluate"] = output()
     models: list[ModelEntry] = output([])
-    """Training stages (their exports), {stage, step} checkpoints, or {path: HF_DIR} directories."""
+    """Training stages (their exports), {stage, step} checkpoints, {path: HF_DIR} directories, or
+    {stage, adapter: true}: a LoRA stage's adapter on its base model."""
     follow: str | None = output(None)
     """A training stage whose every checkpoint is evaluated as it gets committed, while it trains."""
     data: str | None = output(None)
@@ -103,7 +120,8 @@ class EvaluateStage(StageSpec):
         problems = []
         data = stages.get(self.data or "")
         if isinstance(data, PreprocessStage):
-            targets = {ref.stage if isinstance(ref, ModelRef) else ref for ref in self.models} | {self.follow}
+            targets = {ref.stage if isinstance(ref, (ModelRef, AdapterRef)) else ref for ref in self.models}
+            targets.add(self.follow)
             short = sorted(f"{t} ({max_positions_of(stages, t)})" for t in targets if isinstance(t, str)
                            and (max_positions_of(stages, t) or data.seq_len) < data.seq_len)
             if short:
@@ -113,6 +131,10 @@ class EvaluateStage(StageSpec):
         for i, m in enumerate(self.models):
             if isinstance(m, ModelRef):
                 problems += checkpoint_problems(f"stages.{name}.models[{i}].step", stages, m.stage, m.step)
+            target = stages.get(m.stage) if isinstance(m, AdapterRef) else None
+            if isinstance(target, TrainStage) and getattr(target, "lora", None) is None:  # a pretrain stage has none
+                problems.append(f"stages.{name}.models[{i}].adapter: {m.stage} trains no adapter (it has no `lora`); "
+                                f"name the stage itself ({m.stage}) to evaluate its model")
         for i, task in enumerate(self.tasks):
             if isinstance(task, LmEvalTaskSpec):
                 problems += task_problems(f"stages.{name}.tasks[{i}]", task)
@@ -122,9 +144,12 @@ class EvaluateStage(StageSpec):
 
 
 def model_label(ref) -> str:
-    """How an evaluated model is named in results: `stage`, `stage@step`, or a directory's name."""
+    """How an evaluated model is named in results: `stage`, `stage@step`, `stage.adapter`, or a
+    directory's name."""
     if isinstance(ref, ModelRef):
         return f"{ref.stage}@{ref.step}"
+    if isinstance(ref, AdapterRef):
+        return f"{ref.stage}.adapter"
     if isinstance(ref, LocalPath):
         return os.path.basename(os.path.abspath(ref.path))
     return ref
@@ -154,7 +179,7 @@ class ModelEvaluation(BaseModel):
 
 class EvaluateResults(StageResults):
     results: dict[str, ModelEvaluation] = {}
-    """Model label (`stage`, `stage@step`, a directory's name) -> its evaluation."""
+    """Model label (`stage`, `stage@step`, `stage.adapter`, a directory's name) -> its evaluation."""
 
 
 def evaluation_summary(result: ModelEvaluation | dict) -> str:

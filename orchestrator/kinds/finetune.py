@@ -10,6 +10,7 @@ from typing import Literal, Mapping
 from pydantic import field_validator, model_validator
 
 from jobs.fields import output
+from jobs.lora import LoraSpec
 from jobs.model import ModelSpec
 from jobs.sft import SFTTaskSpec
 from orchestrator.kinds.base import LocalPath, StageKind, StageSpec, file_problems, stage_or_path
@@ -41,6 +42,10 @@ class FinetuneStage(TrainStage):
     data: str | list[DataSource] | None = output(None)
     """Continued pretraining: a preprocess stage's sequences, or a mixture of them as a list of
     {stage, weight} (as pretrain's `data`; give this or `task`)."""
+    lora: LoraSpec | None = output(None)
+    """Train low-rank adapters (peft's LoRA) on the frozen `init` model instead of every weight
+    (`lora: {}` takes the defaults); the stage exports the merged model under `hf/` as always, and
+    the adapter alone under `hf-adapter/` (`PeftModel.from_pretrained` on the `init` model)."""
     steps: int = output(200, ge=1)
     """Optimizer steps in all."""
     lr: float = output(1e-4, gt=0)

@@ -18,13 +18,14 @@ import time
 import ray
 import yaml
 
+from jobs import lora
 from jobs.checkpoint import committed_steps
 from jobs.commit import FileEntry, bytes_entry, file_entry
 from jobs.data import PackedTokens
 from jobs.evaluate import TaskSpec, evaluate_model
 from jobs.harness import LmEvalTaskSpec, map_data_files, read_task_yaml, run_harness
 from jobs.storage import Storage, open_storage, split_uri
-from orchestrator.kinds.evaluate import evaluation_summary
+from orchestrator.kinds.evaluate import AdapterRef, evaluation_summary
 from orchestrator.spec import ModelRef, model_label
 from orchestrator.stages import StageContext, StageOutput
 from orchestrator.stages.model_inputs import resolve_model
@@ -50,7 +51,10 @@ def run(ctx: StageContext) -> StageOutput:
         label = model_label(ref)
         ctx.console.line(f"evaluating {label}")
         step = ref.step if isinstance(ref, ModelRef) else None
-        model_uri, staged = resolve_model(ctx.out, ref, stage_uri, step, f"models/{label}")
+        if isinstance(ref, AdapterRef):
+            model_uri, staged = open_storage(stage_uri).url(lora.ADAPTER_DIR), {}
+        else:
+            model_uri, staged = resolve_model(ctx.out, ref, stage_uri, step, f"models/{label}")
         files.update(staged)
         options = {"num_cpus": spec.cpus, "num_gpus": 1 if spec.use_gpu else 0}
         results[label] = ray.get(_evaluate.options(**options).remote(
@@ -125,6 +129,7 @@ def _evaluate(model_uri: str, tasks: list[TaskSpec | LmEvalTaskSpec], tasks_uri:
     with tempfile.TemporaryDirectory(prefix="orchestrator-eval-") as tmp:
         model_dir = os.path.join(tmp, "model")
         open_storage(model_uri).download_prefix("", model_dir)
+        lora.localize_adapter(model_dir, os.path.join(tmp, "base"))  # an adapter: its base model beside it
         local_tasks, harness_tasks = [], []
         for task in tasks:
             if isinstance(task, LmEvalTaskSpec):

@@ -22,7 +22,7 @@ from orchestrator.stages.training import data_fields, run_training
 def run(ctx: StageContext) -> StageOutput:
     spec = ctx.spec
     init_uri, staged = resolve_model(ctx.out, spec.init, ctx.inputs.get("init"), spec.init_step, "init")
-    job_fields = {"init_uri": init_uri}
+    job_fields = {"init_uri": init_uri, "lora": spec.lora}
     if spec.task:
         rows = load_sft_rows(spec.task)
         with tempfile.TemporaryDirectory(prefix="orchestrator-sft-") as tmp:
