@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +32,14 @@ def pipeline(tmp_path, **pretrain) -> str:
     return str(path)
 
 
+def interruptible() -> None:
+    """A child's SIGINT as a terminal's foreground job has it (`preexec_fn`). A process started
+    with SIGINT ignored keeps ignoring it (Python then installs no KeyboardInterrupt handler), and
+    something earlier in a full pytest run leaves pytest's own SIGINT ignored: Ctrl-C tests would
+    then time out for a reason that is not the driver's."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Driver:
     """`orchestrator run` in a session of its own: stopping it takes its embedded Ray too."""
 
@@ -40,7 +49,8 @@ class Driver:
         env = {**os.environ, "ORCHESTRATOR_LOG_DIR": str(tmp_path / "logs"), "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "run", spec, "--run-id", run_id, "--storage", storage],
-            cwd=REPO, env=env, stdout=open(self.out_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=REPO, env=env, stdout=open(self.out_path, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=interruptible)
 
     def output(self) -> str:
         return self.out_path.read_text()

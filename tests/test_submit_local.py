@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from corpus import make_corpus
+from drivers import interruptible
 from jobs.storage import open_storage
 from orchestrator.cli import main as cli_main
 from orchestrator.records import RunRecord, StageRecord, load_record, save_record
@@ -300,7 +301,7 @@ def test_ctrl_c_stops_a_run_driving_a_cluster_and_its_work_there(head, workdir, 
     spec = write_spec(workdir, "ctrl-c.yaml", raw)
     driver = subprocess.Popen([os.path.join(BIN, "orchestrator"), "run", spec, "--address", head.gcs,
                                "--run-id", "ctrl-c-1", "--storage", store], cwd=workdir, env=head.env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=interruptible)
     storage = open_storage(store)
 
     def training_on_the_cluster():
