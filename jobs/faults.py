@@ -3,6 +3,8 @@ journal which task bodies actually ran. Both are off unless their environment va
 Ray workers inherit the driver's environment, so a test sets them before the run.
 
 ORCHESTRATOR_CRASH_AT="encode:3"       the process dies (like an OOM kill) at point `encode`, item 3
+                                       (`settle`, when given, runs first: e.g. the commit in flight
+                                       finishes, so what a resume finds does not depend on timing)
 ORCHESTRATOR_CRASH_ONCE_DIR=DIR        ...only the first time (a marker file in DIR remembers)
 ORCHESTRATOR_TASK_JOURNAL=FILE         every task body appends "<name> <item>" to FILE
 """
@@ -10,9 +12,10 @@ ORCHESTRATOR_TASK_JOURNAL=FILE         every task body appends "<name> <item>" t
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 
-def crash_point(point: str, item: int) -> None:
+def crash_point(point: str, item: int, settle: Callable[[], None] | None = None) -> None:
     if os.environ.get("ORCHESTRATOR_CRASH_AT") != f"{point}:{item}":
         return
     once_dir = os.environ.get("ORCHESTRATOR_CRASH_ONCE_DIR")
@@ -22,6 +25,8 @@ def crash_point(point: str, item: int) -> None:
             return
         os.makedirs(once_dir, exist_ok=True)
         open(marker, "w").close()
+    if settle is not None:
+        settle()
     os._exit(137)
 
 

@@ -121,7 +121,7 @@ def train(job: TrainJob) -> TrainResult:
 
     with speed_context:
         history = _train_steps(engine, spec, data, order, start_step, rank, world, device, report, metrics,
-                               throughput, tensorboard, checkpoint)
+                               throughput, tensorboard, checkpoint, writer.wait)
         if isinstance(order, MixtureOrder):  # also when a resume starts at the last step
             metrics["tokens_per_source"] = _tokens_per_source(order, data, spec.steps)
         probe = torch.from_numpy(data.batch(order.indices(0, 0, rank))[0][:1]).to(device)  # one sequence
@@ -181,9 +181,11 @@ class Throughput:
 
 def _train_steps(engine, spec: TrainSpec, data, order: BatchOrder, start_step: int, rank: int, world: int,
                  device: torch.device, report: Callable[[dict], None], metrics: dict, throughput: Throughput,
-                 tensorboard, checkpoint: Callable[[int], None]) -> list[list[float]]:
+                 tensorboard, checkpoint: Callable[[int], None], commit_in_flight: Callable[[], None]) -> list[list[float]]:
     """Steps start_step..spec.steps, a checkpoint every checkpoint_every and a report every log_every
-    (rank 0); metrics hold the last report. Returns the loss curve: [step, loss] at each report."""
+    (rank 0); metrics hold the last report. Returns the loss curve: [step, loss] at each report.
+    `commit_in_flight` waits for the checkpoint being committed: a test's crash at step N comes
+    after it, so the resume starts at the last checkpoint before N whatever the timing."""
     history: list[list[float]] = []
 
     def new_window():  # (start time, steps, summed loss), the loss on the device: no sync per micro batch
@@ -199,7 +201,7 @@ def _train_steps(engine, spec: TrainSpec, data, order: BatchOrder, start_step: i
                 engine.step()
                 window_loss += loss.detach().double() / spec.grad_accum
             window_steps += 1
-            crash_point("train", step + 1)
+            crash_point("train", step + 1, settle=commit_in_flight)
             done = step + 1
             if done % spec.checkpoint_every == 0 or done == spec.steps:
                 checkpoint(done)
