@@ -4,6 +4,11 @@ PYTHON ?= python3
 # The CPU build of torch (a plain `torch` pulls a multi-GB CUDA build); set TORCH=torch on GPU hosts.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# Test processes side by side, one file each at a time (a file's module fixtures run once). Two
+# fill a 2-core machine: a Ray test alone leaves a core idle about half the time (actor starts,
+# Ray Train's polls, subprocess drivers waiting on each other).
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast bench clean
@@ -25,10 +30,10 @@ demo: $(STAMP)
 	$(BIN)/orchestrator run examples/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not local"
+	$(PYTEST) -m "not local"
 
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py

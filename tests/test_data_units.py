@@ -290,8 +290,9 @@ def test_close_ends_the_prefetch_threads(tmp_path):
     storage = CountingLocalStorage(str(tmp_path / "store" / STAGE))
     _write_stage(storage)
     data = _open(storage, tmp_path / "cache")
+    before = set(threading.enumerate())  # a thread of another test's data is not this one's
     data.prefetch(np.arange(sum(FILE_SIZES)))
-    workers = [t for t in threading.enumerate() if t.name == "shard-prefetch"]
+    workers = [t for t in set(threading.enumerate()) - before if t.name == "shard-prefetch"]
     assert workers
     data.close()
     for t in workers:

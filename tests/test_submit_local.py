@@ -92,7 +92,7 @@ def ray_head(env_overrides: dict[str, str] | None = None):
         tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
         proc.terminate()
         try:
-            proc.wait(60)
+            proc.wait(5)  # what a graceful stop takes beyond this (~30 s) is Ray's, and not tested here
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
