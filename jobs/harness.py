@@ -28,7 +28,6 @@ import difflib
 import json
 import math
 import os
-import tempfile
 from importlib.util import find_spec
 from typing import Literal
 
@@ -36,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from jobs.fields import output
+from jobs.storage import open_storage
 
 INSTALL = "pip install 'ray-llm-orchestrator[lm-eval]'"
 MAX_SUGGESTIONS = 3
@@ -135,11 +135,8 @@ def registry_names() -> dict[str, list[str]]:
     manager = TaskManager()
     tags = set(manager.all_tags)
     names = {"tasks": [n for n in manager.all_tasks if n not in tags], "tags": sorted(tags)}
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=cache_dir, delete=False, suffix=".tmp") as f:
-            json.dump(names, f)
-        os.replace(f.name, path)
+    try:  # atomic, and no temp file is left behind when the write fails
+        open_storage(cache_dir).write_bytes(os.path.basename(path), json.dumps(names).encode())
     except OSError:
         pass  # a read-only cache only costs the next validate the same 8 s
     return names

@@ -259,3 +259,23 @@ def test_the_plan_fingerprints_and_submit_ships_the_yamls_data_file(tmp_path, mo
     before = make_plan(spec, storage)[0].hash
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
     assert make_plan(spec, storage)[0].hash != before
+
+
+
+def test_the_registry_names_cache_is_read_back_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    from jobs.harness import registry_names
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a"))
+    names = registry_names()  # built from lm-eval's index, then written to the cache
+    assert "hellaswag" in names["tasks"]
+    [cached] = (tmp_path / "a" / "orchestrator").iterdir()
+    cached.write_text(json.dumps({**names, "tasks": ["only-in-the-cache"]}))
+    assert registry_names()["tasks"] == ["only-in-the-cache"]  # read back, not rebuilt
+
+    # A cache whose file cannot be replaced (a directory holds its name): built again, and the
+    # failed write leaves no temp file behind.
+    blocked = tmp_path / "b" / "orchestrator" / cached.name
+    (blocked / "inside").mkdir(parents=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
+    assert registry_names() == names
+    assert [p.name for p in blocked.parent.iterdir()] == [cached.name]
