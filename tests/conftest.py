@@ -25,6 +25,24 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: the other files, and every file's tests, keep their order
 
 
+# --- A pipeline of every stage kind, for the tests that validate and plan it -----------------------
+
+@pytest.fixture
+def pipeline(tmp_path) -> dict:
+    """tok -> corpus -> pretrain -> sft -> eval over a 10-document jsonl in tmp_path, as the dict a
+    pipeline file parses to (a test changes it before parsing)."""
+    source = tmp_path / "part-0.jsonl"
+    source.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(10)))
+    src = {"paths": [str(source)]}
+    return {"name": "t", "stages": {
+        "tok": {"kind": "tokenizer", "source": src, "vocab_size": 300},
+        "corpus": {"kind": "preprocess", "source": src, "tokenizer": "tok", "seq_len": 64},
+        "pretrain": {"kind": "pretrain", "data": "corpus", "steps": 4, "model": {"max_position_embeddings": 64}},
+        "sft": {"kind": "finetune", "init": "pretrain", "data": "corpus", "steps": 2},
+        "eval": {"kind": "evaluate", "models": ["pretrain", "sft"], "data": "corpus"},
+    }}
+
+
 # --- S3: a real S3 protocol server (moto) on 127.0.0.1 -------------------------------------
 
 _S3_ENV = {

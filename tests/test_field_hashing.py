@@ -53,20 +53,6 @@ def test_the_operational_fields_are_those_that_only_change_how_a_stage_runs():
         "dedup_keys_per_task"}  # tests/test_dedup_units.py: the same drops whatever the number of key ranges
 
 
-@pytest.fixture
-def pipeline(tmp_path):
-    source = tmp_path / "part-0.jsonl"
-    source.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(10)))
-    src = {"paths": [str(source)]}
-    return {"name": "t", "stages": {
-        "tok": {"kind": "tokenizer", "source": src, "vocab_size": 300},
-        "corpus": {"kind": "preprocess", "source": src, "tokenizer": "tok", "seq_len": 64},
-        "pretrain": {"kind": "pretrain", "data": "corpus", "steps": 4, "model": {"max_position_embeddings": 64}},
-        "sft": {"kind": "finetune", "init": "pretrain", "data": "corpus", "steps": 2},
-        "eval": {"kind": "evaluate", "models": ["pretrain", "sft"], "data": "corpus"},
-    }}
-
-
 def _hashes(raw: dict, storage) -> dict[str, str]:
     return {p.name: p.hash for p in make_plan(parse_spec(yaml.safe_dump(raw)), storage)}
 

@@ -23,17 +23,11 @@ from problems import one_problem_starting
 
 
 @pytest.fixture
-def pipeline(tmp_path) -> dict:
-    source = tmp_path / "part-0.jsonl"
-    source.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(10)))
-    src = {"paths": [str(source)]}
-    return {"name": "t", "stages": {
-        "tok": {"kind": "tokenizer", "source": src, "vocab_size": 300},
-        "corpus": {"kind": "preprocess", "source": src, "tokenizer": "tok", "seq_len": 64},
-        "pretrain": {"kind": "pretrain", "data": "corpus", "steps": 4, "model": {"max_position_embeddings": 64}},
-        "sft": {"kind": "finetune", "init": "pretrain", "data": "corpus", "steps": 2, "lora": {}},
-        "eval": {"kind": "evaluate", "models": ["sft", {"stage": "sft", "adapter": True}], "data": "corpus"},
-    }}
+def pipeline(pipeline) -> dict:
+    """conftest's pipeline with LoRA on its fine-tune, which evaluate scores merged and as an adapter."""
+    pipeline["stages"]["sft"]["lora"] = {}
+    pipeline["stages"]["eval"]["models"] = ["sft", {"stage": "sft", "adapter": True}]
+    return pipeline
 
 
 def _problems(raw: dict) -> list[str]:
