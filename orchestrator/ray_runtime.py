@@ -20,7 +20,11 @@ from orchestrator import autoscaler_config, ray_internals
 log = logging.getLogger(__name__)
 
 # Each task owns one CPU: a tokenizer fanning out over every core would oversubscribe the node.
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+# A Ray worker has a couple of dozen threads, so glibc's malloc locks an arena for whatever its
+# per-thread cache (7 chunks per size by default) cannot serve; tokenizers allocates a few small
+# chunks per token, and that costs a worker ~8% of its tokenizing speed against a single-threaded
+# process. A deeper cache serves nearly all of them (bench/RESULTS.md).
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=1000"}
 
 
 def connect(address: str | None = None) -> None:
