@@ -181,7 +181,8 @@ class Throughput:
 
 def _train_steps(engine, spec: TrainSpec, data, order: BatchOrder, start_step: int, rank: int, world: int,
                  device: torch.device, report: Callable[[dict], None], metrics: dict, throughput: Throughput,
-                 tensorboard, checkpoint: Callable[[int], None], commit_in_flight: Callable[[], None]) -> list[list[float]]:
+                 tensorboard, checkpoint: Callable[[int], None],
+                 commit_in_flight: Callable[[], None]) -> list[list[float]]:
     """Steps start_step..spec.steps, a checkpoint every checkpoint_every and a report every log_every
     (rank 0); metrics hold the last report. Returns the loss curve: [step, loss] at each report.
     `commit_in_flight` waits for the checkpoint being committed: a test's crash at step N comes

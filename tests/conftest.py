@@ -1,6 +1,5 @@
 import os
 import uuid
-from pathlib import Path
 
 import boto3
 import pytest
@@ -10,8 +9,8 @@ from s3_server import FaultyS3Proxy, start_moto_server
 # --- Order: the longest files first ------------------------------------------------------------
 
 # `make test` runs files on two xdist workers in collection order: the longest ones first, so that
-# the two end together rather than one finishing a long file alone. The costliest files on 2 cores
-# (seconds, run alone); an out-of-date list costs time, never a test.
+# the two end together rather than one finishing a long file alone. The costliest files on 2 cores,
+# costliest first (each run alone); an out-of-date list costs time, never a test.
 LONGEST_FILES = ("test_train_local.py", "test_pipeline_local.py", "test_lease_local.py",
                  "test_preprocess_local.py", "test_autoscaling_local.py", "test_submit_local.py",
                  "test_nightly_local.py", "test_lora_local.py", "test_tracking_local.py")
@@ -19,7 +18,7 @@ LONGEST_FILES = ("test_train_local.py", "test_pipeline_local.py", "test_lease_lo
 
 def pytest_collection_modifyitems(items):
     def rank(item) -> int:
-        name = Path(str(item.fspath)).name
+        name = item.path.name
         return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
 
     items.sort(key=rank)  # stable: the other files, and every file's tests, keep their order
