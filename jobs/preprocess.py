@@ -193,18 +193,21 @@ def encode_shard(shard: Shard, spec: PreprocessSpec, text_field: str, num_shards
     batches: tuple[list[str], ...] = ([], [], [])
     parts: tuple[list[np.ndarray], ...] = ([], [], [])
     num_documents = 0
+
+    def encode_batch(stream: int) -> None:
+        nonlocal num_documents
+        parts[stream].append(_token_array(tokenizer, batches[stream], eos_id, dtype))
+        num_documents += len(batches[stream])
+        batches[stream].clear()
+
     for text, stream in zip(documents, streams.tolist()):
         if stream:
-            batch = batches[stream]
-            batch.append(text)
-            if len(batch) == _ENCODE_BATCH:
-                parts[stream].append(_token_array(tokenizer, batch, eos_id, dtype))
-                num_documents += len(batch)
-                batch.clear()
+            batches[stream].append(text)
+            if len(batches[stream]) == _ENCODE_BATCH:
+                encode_batch(stream)
     for stream in (1, 2):
         if batches[stream]:
-            parts[stream].append(_token_array(tokenizer, batches[stream], eos_id, dtype))
-            num_documents += len(batches[stream])
+            encode_batch(stream)
     counts: dict = {"num_documents": num_documents, "num_tokens": 0}
     with tempfile.TemporaryDirectory(prefix="orchestrator-encode-") as tmp:
         files = {}
