@@ -261,7 +261,6 @@ def test_the_plan_fingerprints_and_submit_ships_the_yamls_data_file(tmp_path, mo
     assert make_plan(spec, storage)[0].hash != before
 
 
-
 def test_the_registry_names_cache_is_read_back_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     from jobs.harness import registry_names
 
